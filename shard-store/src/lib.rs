@@ -1,1 +1,35 @@
-//! placeholder
+//! The caev2 feature store: teacher targets for many augmented views per
+//! image, in memory-mapped, sharded, checksummed files with a Parquet index.
+//!
+//! The on-disk format (version 1) is specified byte by byte in `FORMAT.md`
+//! next to this crate. In short: a store folder has a `manifest.json` that
+//! records what makes its targets comparable (teacher, view settings and
+//! seed, codec, dataset, layout); `shards/` holds write-once shard files
+//! (header, 64-byte aligned records, record table, footer; CRC-32C
+//! everywhere); `index/` holds one Parquet file per shard with a row per
+//! stored view and all its parameters; `done/` marks committed shards.
+//!
+//! * Writing: [`StoreWriter`] creates or reopens a store (refusing one made
+//!   with other settings), hands out [`ShardClaim`]s under exclusive file
+//!   locks so several processes can fill one store, and commits each shard
+//!   atomically.
+//! * Reading: [`Store`] maps shards lazily and gives [`TargetsRef`]s by
+//!   `(image, view)` in O(1) or streams all views in storage order.
+//! * [`resample_grid`] maps targets between token grids (teacher 16x16 to
+//!   student 14x14, say).
+
+mod codec;
+mod error;
+mod grid;
+mod index;
+mod manifest;
+mod shard;
+mod store;
+
+pub use codec::Codec;
+pub use error::{Result, StoreError};
+pub use grid::resample_grid;
+pub use index::{IndexRow, read_index, schema as index_schema};
+pub use manifest::{DatasetInfo, FORMAT_VERSION, Layout, MANIFEST_FILE, Manifest, TeacherInfo, ViewsInfo};
+pub use shard::{Entry, FOOTER_LEN, HEADER_LEN, RECORD_ALIGN, ShardHeader, ShardReader, ShardWriter};
+pub use store::{ShardClaim, ShardReport, Skipped, Store, StorePaths, StoreWriter, TargetsRef};

@@ -1,0 +1,304 @@
+//! `manifest.json`: what makes the targets of a store comparable.
+
+use std::path::{Path, PathBuf};
+
+use caev2_views::ViewSettings;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::codec::Codec;
+use crate::error::{Result, StoreError, io};
+
+/// The store format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// The `format` field of every manifest.
+pub const FORMAT_NAME: &str = "caev2-store";
+/// Name of the manifest file in a store folder.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// The teacher whose outputs are stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TeacherInfo {
+    /// Human-readable name, e.g. `clip-vit-b16`.
+    pub name: String,
+    /// SHA-256 of the ONNX file, hex.
+    pub onnx_sha256: String,
+    /// Name of the graph output that holds the tokens.
+    pub output: String,
+    /// Input size in pixels (square).
+    pub input_size: u32,
+    /// Per-channel input mean (RGB), applied after scaling to `[0, 1]`.
+    pub mean: [f32; 3],
+    /// Per-channel input standard deviation (RGB).
+    pub std: [f32; 3],
+    /// Patch size of the teacher in pixels.
+    pub patch_size: u32,
+    /// Whether token 0 is a CLS token.
+    pub has_cls: bool,
+    /// Patch grid `[rows, cols]`; `tokens = has_cls + rows * cols`.
+    pub grid: [u32; 2],
+    /// Tokens per view.
+    pub tokens: u32,
+    /// Values per token.
+    pub dim: u32,
+    /// Numeric precision the teacher ran in (`fp32`).
+    pub precision: String,
+}
+
+/// How views were generated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ViewsInfo {
+    /// Seed of the view sampler.
+    pub seed: u64,
+    /// Views stored per image (K).
+    pub views_per_image: u32,
+    /// Augmentation settings.
+    pub settings: ViewSettings,
+    /// Identity of the image decoder (a different decoder can give different
+    /// pixels for the same JPEG, so views would not rebuild bit for bit).
+    pub decoder: String,
+}
+
+/// The images the store was built from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetInfo {
+    /// The folder given on the command line (informational: other machines
+    /// may mount the same data elsewhere).
+    pub root: String,
+    /// Number of image files found (including any that fail to decode).
+    pub num_images: u64,
+    /// SHA-256 of the sorted relative paths, each followed by `\n`, hex.
+    pub file_list_sha256: String,
+    /// Class folder names in label order; empty for an unlabelled folder.
+    pub classes: Vec<String>,
+}
+
+/// How images are split into shards.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Layout {
+    /// Images per shard; shard `s` holds images `s*n .. (s+1)*n`.
+    pub images_per_shard: u32,
+    /// Number of shards.
+    pub num_shards: u32,
+}
+
+impl Layout {
+    /// The layout for `num_images` images with `images_per_shard` per shard.
+    pub fn new(num_images: u64, images_per_shard: u32) -> Self {
+        let ips = u64::from(images_per_shard.max(1));
+        Self { images_per_shard: images_per_shard.max(1), num_shards: num_images.div_ceil(ips) as u32 }
+    }
+
+    /// Image ids of shard `s`.
+    pub fn images_of(&self, shard: u32, num_images: u64) -> std::ops::Range<u64> {
+        let start = u64::from(shard) * u64::from(self.images_per_shard);
+        start.min(num_images)..(start + u64::from(self.images_per_shard)).min(num_images)
+    }
+}
+
+/// The manifest of a store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`FORMAT_NAME`].
+    pub format: String,
+    /// [`FORMAT_VERSION`] of the writer.
+    pub format_version: u32,
+    /// First 12 bytes of the SHA-256 of the identity fields, hex; also in
+    /// every shard header.
+    pub store_id: String,
+    /// The teacher.
+    pub teacher: TeacherInfo,
+    /// View generation.
+    pub views: ViewsInfo,
+    /// Target codec.
+    pub codec: Codec,
+    /// The images.
+    pub dataset: DatasetInfo,
+    /// Sharding.
+    pub layout: Layout,
+    /// Program that created the store (informational).
+    pub created_by: String,
+}
+
+impl Manifest {
+    /// A manifest with its `store_id` computed from the other fields.
+    pub fn new(teacher: TeacherInfo, views: ViewsInfo, codec: Codec, dataset: DatasetInfo, layout: Layout, created_by: String) -> Self {
+        let mut m = Self {
+            format: FORMAT_NAME.into(),
+            format_version: FORMAT_VERSION,
+            store_id: String::new(),
+            teacher,
+            views,
+            codec,
+            dataset,
+            layout,
+            created_by,
+        };
+        m.store_id = m.compute_store_id();
+        m
+    }
+
+    /// The identity fields as JSON: everything except `store_id`,
+    /// `created_by` and `dataset.root`.
+    fn identity(&self) -> serde_json::Value {
+        let mut dataset = serde_json::to_value(&self.dataset).unwrap_or_default();
+        if let Some(o) = dataset.as_object_mut() {
+            o.remove("root");
+        }
+        serde_json::json!({
+            "format_version": self.format_version,
+            "teacher": self.teacher,
+            "views": self.views,
+            "codec": self.codec,
+            "dataset": dataset,
+            "layout": self.layout,
+        })
+    }
+
+    fn compute_store_id(&self) -> String {
+        let digest = Sha256::digest(self.identity().to_string().as_bytes());
+        hex::encode(&digest[..12])
+    }
+
+    /// The store id as the 12 bytes written in shard headers.
+    pub fn store_id_bytes(&self) -> [u8; 12] {
+        let mut out = [0u8; 12];
+        if let Ok(b) = hex::decode(&self.store_id) {
+            if b.len() == 12 {
+                out.copy_from_slice(&b);
+            }
+        }
+        out
+    }
+
+    /// Target values per view (`tokens * dim`).
+    pub fn values_per_view(&self) -> usize {
+        self.teacher.tokens as usize * self.teacher.dim as usize
+    }
+
+    /// The first identity field that differs from `requested`, as
+    /// `(dotted path, this value, requested value)`.
+    pub fn first_difference(&self, requested: &Manifest) -> Option<(String, String, String)> {
+        fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<(String, String, String)> {
+            match (a, b) {
+                (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                    for (k, va) in x {
+                        let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                        match y.get(k) {
+                            Some(vb) => {
+                                if let Some(d) = walk(&path, va, vb) {
+                                    return Some(d);
+                                }
+                            }
+                            None => return Some((path, va.to_string(), "nothing".into())),
+                        }
+                    }
+                    y.keys().find(|k| !x.contains_key(*k)).map(|k| (format!("{prefix}.{k}"), "nothing".into(), y[k].to_string()))
+                }
+                _ if a == b => None,
+                _ => Some((prefix.to_owned(), a.to_string(), b.to_string())),
+            }
+        }
+        walk("", &self.identity(), &requested.identity())
+    }
+
+    /// Fail with [`StoreError::Incompatible`] if `requested` differs from
+    /// this manifest in any identity field.
+    ///
+    /// # Errors
+    /// [`StoreError::Incompatible`] naming the first differing field.
+    pub fn check_same(&self, store: &Path, requested: &Manifest) -> Result<()> {
+        match self.first_difference(requested) {
+            None => Ok(()),
+            Some((field, found, requested)) => Err(StoreError::Incompatible { store: store.to_owned(), field, found, requested }),
+        }
+    }
+
+    /// Read and validate `dir/manifest.json`.
+    ///
+    /// # Errors
+    /// IO, JSON, unsupported version, or a `store_id` that does not match the
+    /// contents (a hand-edited manifest).
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST_FILE);
+        let bytes = std::fs::read(&path).map_err(io(&path, "read manifest"))?;
+        let head: serde_json::Value = serde_json::from_slice(&bytes).map_err(|source| StoreError::Json { path: path.clone(), source })?;
+        if head.get("format").and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
+            return Err(StoreError::Corrupt { path, offset: 0, what: format!("not a caev2 store manifest (format != {FORMAT_NAME:?})") });
+        }
+        let version = head.get("format_version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+        if version != FORMAT_VERSION {
+            return Err(StoreError::UnsupportedVersion { path, found: version, supported: FORMAT_VERSION });
+        }
+        let m: Manifest = serde_json::from_value(head).map_err(|source| StoreError::Json { path: path.clone(), source })?;
+        if m.store_id != m.compute_store_id() {
+            return Err(StoreError::Corrupt {
+                path,
+                offset: 0,
+                what: format!("store_id {} does not match the manifest contents ({})", m.store_id, m.compute_store_id()),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Path of the manifest in `dir`.
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(MANIFEST_FILE)
+    }
+
+    /// Pretty JSON bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Manifest {
+        Manifest::new(
+            TeacherInfo {
+                name: "tiny".into(),
+                onnx_sha256: "ab".repeat(32),
+                output: "tokens".into(),
+                input_size: 32,
+                mean: [0.5; 3],
+                std: [0.25; 3],
+                patch_size: 16,
+                has_cls: true,
+                grid: [2, 2],
+                tokens: 5,
+                dim: 8,
+                precision: "fp32".into(),
+            },
+            ViewsInfo { seed: 0, views_per_image: 2, settings: ViewSettings::cae_v2(224, 32), decoder: "image-0.25.10".into() },
+            Codec::F16,
+            DatasetInfo { root: "/data".into(), num_images: 5, file_list_sha256: "cd".repeat(32), classes: vec![] },
+            Layout::new(5, 2),
+            "test".into(),
+        )
+    }
+
+    #[test]
+    fn store_id_ignores_root_and_creator() {
+        let a = sample();
+        let mut b = a.clone();
+        b.dataset.root = "/elsewhere".into();
+        b.created_by = "other".into();
+        assert_eq!(a.first_difference(&b), None);
+        let c = Manifest::new(b.teacher.clone(), b.views.clone(), Codec::F32, b.dataset.clone(), b.layout.clone(), "x".into());
+        assert_ne!(a.store_id, c.store_id);
+        let (field, found, req) = a.first_difference(&c).expect("codec differs");
+        assert_eq!((field.as_str(), found.as_str(), req.as_str()), ("codec", "\"f16\"", "\"f32\""));
+    }
+
+    #[test]
+    fn layout_ranges() {
+        let l = Layout::new(5, 2);
+        assert_eq!(l.num_shards, 3);
+        assert_eq!(l.images_of(2, 5), 4..5);
+    }
+}

@@ -1,0 +1,466 @@
+//! A store folder: manifest, shards, index parts, shard reports and locks.
+//!
+//! ```text
+//! STORE/
+//!   manifest.json              identity of the store (manifest.rs)
+//!   shards/shard-00000.bin     targets (shard.rs)
+//!   index/shard-00000.parquet  one row per stored view (index.rs)
+//!   done/shard-00000.json      shard report; its presence marks the shard complete
+//!   locks/shard-00000.lock     advisory lock held while a process writes the shard
+//! ```
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::Codec;
+use crate::error::{Result, StoreError, io};
+use crate::index::{IndexRow, read_index, write_index};
+use crate::manifest::Manifest;
+use crate::shard::{ShardHeader, ShardReader, ShardWriter};
+
+/// An image that was not stored, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Skipped {
+    /// Image id.
+    pub image_id: u64,
+    /// Path relative to the dataset root.
+    pub path: String,
+    /// The decoder's or reader's reason.
+    pub reason: String,
+}
+
+/// `done/shard-NNNNN.json`: written last when a shard is committed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardReport {
+    /// Shard number.
+    pub shard: u32,
+    /// First image id.
+    pub first_image: u64,
+    /// Images in the shard.
+    pub num_images: u32,
+    /// Views stored.
+    pub views_stored: u64,
+    /// Size of the shard file.
+    pub shard_bytes: u64,
+    /// Size of the index part.
+    pub index_bytes: u64,
+    /// Images that could not be decoded.
+    pub skipped: Vec<Skipped>,
+}
+
+/// Paths inside a store folder.
+#[derive(Debug, Clone)]
+pub struct StorePaths {
+    root: PathBuf,
+}
+
+impl StorePaths {
+    /// Paths of the store at `root`.
+    pub fn new(root: &Path) -> Self {
+        Self { root: root.to_owned() }
+    }
+    /// The store folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// Shard file of shard `s`.
+    pub fn shard(&self, s: u32) -> PathBuf {
+        self.root.join("shards").join(format!("shard-{s:05}.bin"))
+    }
+    /// Index part of shard `s`.
+    pub fn index(&self, s: u32) -> PathBuf {
+        self.root.join("index").join(format!("shard-{s:05}.parquet"))
+    }
+    /// Report (completion marker) of shard `s`.
+    pub fn done(&self, s: u32) -> PathBuf {
+        self.root.join("done").join(format!("shard-{s:05}.json"))
+    }
+    /// Lock file of shard `s`.
+    pub fn lock(&self, s: u32) -> PathBuf {
+        self.root.join("locks").join(format!("shard-{s:05}.lock"))
+    }
+}
+
+/// fsync a directory so that renames inside it are durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir, "fsync folder"))
+}
+
+/// Write a file atomically: a temporary file beside `path`, fsynced, renamed.
+fn atomic_write(path: &Path, fill: impl FnOnce(&File) -> Result<()>) -> Result<u64> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = tempfile::Builder::new().prefix(&format!(".{name}.")).suffix(".tmp").tempfile_in(dir).map_err(io(dir, "create temporary file"))?;
+    fill(tmp.as_file())?;
+    tmp.as_file().sync_all().map_err(io(path, "fsync"))?;
+    let len = tmp.as_file().metadata().map_err(io(path, "stat"))?.len();
+    tmp.persist(path).map_err(|e| StoreError::Io { path: path.to_owned(), op: "rename into place", source: e.error })?;
+    sync_dir(dir)?;
+    Ok(len)
+}
+
+/// A store being written. Several processes may hold one for the same
+/// folder: shards are claimed with exclusive file locks and committed
+/// atomically, so concurrent writers never corrupt each other.
+#[derive(Debug)]
+pub struct StoreWriter {
+    paths: StorePaths,
+    manifest: Manifest,
+}
+
+impl StoreWriter {
+    /// Create the store at `root` with `manifest`, or open an existing one
+    /// whose manifest has the same identity.
+    ///
+    /// # Errors
+    /// [`StoreError::Incompatible`] when the folder holds a store made with
+    /// other settings; IO errors.
+    pub fn create_or_open(root: &Path, manifest: &Manifest) -> Result<Self> {
+        for sub in ["shards", "index", "done", "locks"] {
+            let d = root.join(sub);
+            std::fs::create_dir_all(&d).map_err(io(&d, "create folder"))?;
+        }
+        let path = Manifest::path(root);
+        if !path.exists() {
+            let tmp = tempfile::Builder::new().prefix(".manifest.json.").suffix(".tmp").tempfile_in(root).map_err(io(root, "create temporary manifest"))?;
+            tmp.as_file().write_all(&manifest.to_json()).map_err(io(&path, "write manifest"))?;
+            tmp.as_file().sync_all().map_err(io(&path, "fsync manifest"))?;
+            // persist_noclobber: of two processes racing here, one wins and
+            // the other reads and compares the winner's manifest below.
+            match tmp.persist_noclobber(&path) {
+                Ok(_) => sync_dir(root)?,
+                Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(StoreError::Io { path, op: "create manifest", source: e.error }),
+            }
+        }
+        let existing = Manifest::read(root)?;
+        existing.check_same(root, manifest)?;
+        Ok(Self { paths: StorePaths::new(root), manifest: existing })
+    }
+
+    /// The store's manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Paths in the store.
+    pub fn paths(&self) -> &StorePaths {
+        &self.paths
+    }
+
+    /// Whether shard `s` has been committed.
+    pub fn is_done(&self, s: u32) -> bool {
+        self.paths.done(s).exists()
+    }
+
+    /// Try to claim shard `s` for writing. `Ok(None)` when another process
+    /// holds it or it is already complete. Leftover temporary files of a
+    /// crashed writer of this shard are removed once the lock is held.
+    ///
+    /// # Errors
+    /// IO errors on the lock file.
+    pub fn try_claim(&self, s: u32) -> Result<Option<ShardClaim<'_>>> {
+        if self.is_done(s) {
+            return Ok(None);
+        }
+        let lock_path = self.paths.lock(s);
+        let file = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path, "open lock"))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => return Err(StoreError::Io { path: lock_path, op: "lock", source: e }),
+        }
+        if self.is_done(s) {
+            return Ok(None); // finished by another process between the checks
+        }
+        for p in [self.paths.shard(s), self.paths.index(s), self.paths.done(s)] {
+            remove_stale_temporaries(&p)?;
+        }
+        Ok(Some(ShardClaim { store: self, shard: s, _lock: file }))
+    }
+}
+
+fn remove_stale_temporaries(final_path: &Path) -> Result<()> {
+    let (Some(dir), Some(name)) = (final_path.parent(), final_path.file_name().and_then(|n| n.to_str())) else {
+        return Ok(());
+    };
+    let prefix = format!(".{name}.");
+    for entry in std::fs::read_dir(dir).map_err(io(dir, "list folder"))? {
+        let entry = entry.map_err(io(dir, "list folder"))?;
+        let n = entry.file_name();
+        let n = n.to_string_lossy();
+        if n.starts_with(&prefix) && n.ends_with(".tmp") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// Exclusive ownership of one shard while it is written.
+#[derive(Debug)]
+pub struct ShardClaim<'a> {
+    store: &'a StoreWriter,
+    shard: u32,
+    _lock: File,
+}
+
+impl ShardClaim<'_> {
+    /// The shard number.
+    pub fn shard(&self) -> u32 {
+        self.shard
+    }
+
+    /// Start the shard file (a temporary until [`ShardClaim::commit`]).
+    ///
+    /// # Errors
+    /// IO errors.
+    pub fn writer(&self) -> Result<ShardWriter> {
+        let m = &self.store.manifest;
+        let range = m.layout.images_of(self.shard, m.dataset.num_images);
+        let header = ShardHeader {
+            codec: m.codec,
+            shard_index: self.shard,
+            views_per_image: m.views.views_per_image,
+            first_image: range.start,
+            num_images: (range.end - range.start) as u32,
+            tokens: m.teacher.tokens,
+            dim: m.teacher.dim,
+            store_id: m.store_id_bytes(),
+        };
+        ShardWriter::create(&self.store.paths.shard(self.shard), header)
+    }
+
+    /// Commit the shard: index part, then shard file, then the report, each
+    /// written beside its name, fsynced and renamed. A crash at any point
+    /// leaves the shard not done, and a later run redoes it.
+    ///
+    /// # Errors
+    /// IO or Parquet errors; nothing is marked done.
+    pub fn commit(self, writer: ShardWriter, rows: &[IndexRow], mut report: ShardReport) -> Result<ShardReport> {
+        let p = &self.store.paths;
+        let index_path = p.index(self.shard);
+        report.index_bytes = atomic_write(&index_path, |f| write_index(f, &index_path, rows))?;
+        report.shard_bytes = writer.finish()?;
+        let done = p.done(self.shard);
+        let json = serde_json::to_vec_pretty(&report).map_err(|source| StoreError::Json { path: done.clone(), source })?;
+        atomic_write(&done, |mut f| f.write_all(&json).map_err(io(&done, "write report")))?;
+        Ok(report)
+    }
+}
+
+/// Decoded access to one view's targets, borrowed from the memory map.
+#[derive(Debug, Clone, Copy)]
+pub struct TargetsRef<'a> {
+    /// Encoded bytes.
+    pub bytes: &'a [u8],
+    /// Codec of `bytes`.
+    pub codec: Codec,
+    /// Tokens.
+    pub tokens: usize,
+    /// Values per token.
+    pub dim: usize,
+}
+
+impl TargetsRef<'_> {
+    /// Decode into `out` (`tokens * dim` floats).
+    ///
+    /// # Panics
+    /// If `out` has the wrong length.
+    pub fn decode_into(&self, out: &mut [f32]) {
+        assert_eq!(out.len(), self.tokens * self.dim, "output buffer must hold tokens x dim floats");
+        let ok = self.codec.decode(self.bytes, out);
+        debug_assert!(ok, "record length verified at open");
+    }
+
+    /// Decoded values as a new vector.
+    pub fn to_vec(&self) -> Vec<f32> {
+        let mut v = vec![0.0; self.tokens * self.dim];
+        self.decode_into(&mut v);
+        v
+    }
+
+    /// Zero-copy view of an `f16` record.
+    pub fn as_f16(&self) -> Option<&[half::f16]> {
+        (self.codec == Codec::F16).then(|| bytemuck::try_cast_slice(self.bytes).ok()).flatten()
+    }
+
+    /// Zero-copy view of an `f32` record.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        (self.codec == Codec::F32).then(|| bytemuck::try_cast_slice(self.bytes).ok()).flatten()
+    }
+}
+
+/// A complete (or, for inspection, partial) store opened for reading.
+/// Shards are memory-mapped lazily and checked against the manifest.
+#[derive(Debug)]
+pub struct Store {
+    paths: StorePaths,
+    manifest: Manifest,
+    shards: Vec<OnceLock<ShardReader>>,
+}
+
+impl Store {
+    /// Open a complete store.
+    ///
+    /// # Errors
+    /// Manifest errors, or [`StoreError::Incomplete`] listing missing shards.
+    pub fn open(root: &Path) -> Result<Self> {
+        let s = Self::open_partial(root)?;
+        let missing: Vec<u32> = (0..s.manifest.layout.num_shards).filter(|&i| !s.paths.done(i).exists()).collect();
+        if !missing.is_empty() {
+            let list: Vec<String> = missing.iter().take(10).map(|m| m.to_string()).collect();
+            return Err(StoreError::Incomplete {
+                store: root.to_owned(),
+                what: format!(
+                    "{} of {} shards are not complete (first: {}); rerun extract with the same arguments to finish it",
+                    missing.len(),
+                    s.manifest.layout.num_shards,
+                    list.join(", ")
+                ),
+            });
+        }
+        Ok(s)
+    }
+
+    /// Open a store that may still be missing shards.
+    ///
+    /// # Errors
+    /// Manifest errors.
+    pub fn open_partial(root: &Path) -> Result<Self> {
+        let manifest = Manifest::read(root)?;
+        let n = manifest.layout.num_shards as usize;
+        Ok(Self { paths: StorePaths::new(root), manifest, shards: (0..n).map(|_| OnceLock::new()).collect() })
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Paths in the store.
+    pub fn paths(&self) -> &StorePaths {
+        &self.paths
+    }
+
+    /// Whether shard `s` is complete.
+    pub fn is_done(&self, s: u32) -> bool {
+        self.paths.done(s).exists()
+    }
+
+    /// The memory-mapped shard `s`, opened and checked on first use.
+    ///
+    /// # Errors
+    /// IO, corruption, or a shard that belongs to another store or
+    /// disagrees with the manifest.
+    pub fn shard(&self, s: u32) -> Result<&ShardReader> {
+        let cell = self.shards.get(s as usize).ok_or_else(|| StoreError::OutOfRange(format!("shard {s} of {}", self.shards.len())))?;
+        if let Some(r) = cell.get() {
+            return Ok(r);
+        }
+        let path = self.paths.shard(s);
+        let r = ShardReader::open(&path)?;
+        let m = &self.manifest;
+        let range = m.layout.images_of(s, m.dataset.num_images);
+        let h = r.header();
+        let expect = ShardHeader {
+            codec: m.codec,
+            shard_index: s,
+            views_per_image: m.views.views_per_image,
+            first_image: range.start,
+            num_images: (range.end - range.start) as u32,
+            tokens: m.teacher.tokens,
+            dim: m.teacher.dim,
+            store_id: m.store_id_bytes(),
+        };
+        if *h != expect {
+            return Err(StoreError::Corrupt {
+                path,
+                offset: 0,
+                what: format!("header {h:?} does not match the manifest (expected {expect:?}); shard from another store?"),
+            });
+        }
+        let _ = cell.set(r);
+        Ok(cell.get().expect("set above"))
+    }
+
+    /// The targets of view `view` of image `image_id`, in O(1) through the
+    /// shard's record table. `Ok(None)` when the image was skipped.
+    ///
+    /// # Errors
+    /// Out-of-range ids, or shard errors.
+    pub fn targets(&self, image_id: u64, view: u32) -> Result<Option<TargetsRef<'_>>> {
+        let m = &self.manifest;
+        if image_id >= m.dataset.num_images || view >= m.views.views_per_image {
+            return Err(StoreError::OutOfRange(format!(
+                "image {image_id} view {view} outside the store ({} images x {} views)",
+                m.dataset.num_images, m.views.views_per_image
+            )));
+        }
+        let ips = u64::from(m.layout.images_per_shard);
+        let shard = self.shard((image_id / ips) as u32)?;
+        let slot = (image_id % ips) * u64::from(m.views.views_per_image) + u64::from(view);
+        Ok(shard.record(slot).map(|bytes| TargetsRef { bytes, codec: m.codec, tokens: m.teacher.tokens as usize, dim: m.teacher.dim as usize }))
+    }
+
+    /// Rows of shard `s`'s index part.
+    ///
+    /// # Errors
+    /// IO, Parquet or schema errors.
+    pub fn index_of(&self, s: u32) -> Result<Vec<IndexRow>> {
+        read_index(&self.paths.index(s))
+    }
+
+    /// All index rows of complete shards, in shard order.
+    ///
+    /// # Errors
+    /// As [`Store::index_of`].
+    pub fn index(&self) -> Result<Vec<IndexRow>> {
+        let mut rows = Vec::new();
+        for s in 0..self.manifest.layout.num_shards {
+            if self.is_done(s) {
+                rows.extend(self.index_of(s)?);
+            }
+        }
+        Ok(rows)
+    }
+
+    /// The report of shard `s`, if complete.
+    ///
+    /// # Errors
+    /// IO or JSON errors.
+    pub fn report(&self, s: u32) -> Result<Option<ShardReport>> {
+        let path = self.paths.done(s);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|source| StoreError::Json { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::Io { path, op: "read report", source: e }),
+        }
+    }
+
+    /// Stream every stored view in storage order: each shard's index part
+    /// with its targets, reading the shard sequentially.
+    pub fn stream(&self) -> impl Iterator<Item = Result<(IndexRow, TargetsRef<'_>)>> + '_ {
+        (0..self.manifest.layout.num_shards).filter(|&s| self.is_done(s)).flat_map(move |s| {
+            let rows = self.shard(s).and_then(|r| {
+                r.advise_sequential();
+                self.index_of(s)
+            });
+            let (rows, err) = match rows {
+                Ok(r) => (r, None),
+                Err(e) => (Vec::new(), Some(Err(e))),
+            };
+            err.into_iter().chain(rows.into_iter().map(move |row| {
+                let t = self.targets(row.image_id, row.view)?.ok_or_else(|| StoreError::Corrupt {
+                    path: self.paths.shard(row.shard),
+                    offset: row.offset,
+                    what: format!("index lists image {} view {} but its slot is empty", row.image_id, row.view),
+                })?;
+                Ok((row, t))
+            }))
+        })
+    }
+}

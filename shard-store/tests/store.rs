@@ -1,0 +1,151 @@
+//! Store-level behaviour: commit, O(1) access, streaming, refusal of
+//! incompatible settings, exclusive claims and crash leftovers.
+
+use std::path::Path;
+
+use caev2_views::{ViewSampler, ViewSettings};
+use shard_store::*;
+
+fn manifest(codec: Codec, seed: u64) -> Manifest {
+    Manifest::new(
+        TeacherInfo {
+            name: "toy".into(),
+            onnx_sha256: "00".repeat(32),
+            output: "tokens".into(),
+            input_size: 32,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+            patch_size: 16,
+            has_cls: true,
+            grid: [2, 2],
+            tokens: 5,
+            dim: 4,
+            precision: "fp32".into(),
+        },
+        ViewsInfo { seed, views_per_image: 2, settings: ViewSettings::cae_v2(224, 32), decoder: "test".into() },
+        codec,
+        DatasetInfo { root: "/x".into(), num_images: 5, file_list_sha256: "11".repeat(32), classes: vec![] },
+        Layout::new(5, 2),
+        "test".into(),
+    )
+}
+
+fn value(image: u64, view: u32, i: usize) -> f32 {
+    image as f32 * 10.0 + view as f32 + i as f32 / 64.0
+}
+
+/// Fill every shard, skipping image 3.
+fn fill(root: &Path, m: &Manifest) {
+    let w = StoreWriter::create_or_open(root, m).expect("create");
+    let sampler = ViewSampler::new(0, m.views.settings.clone());
+    for s in 0..m.layout.num_shards {
+        let claim = w.try_claim(s).expect("claim").expect("free");
+        let mut sw = claim.writer().expect("writer");
+        let mut rows = Vec::new();
+        let mut skipped = Vec::new();
+        let range = m.layout.images_of(s, m.dataset.num_images);
+        for img in range.clone() {
+            if img == 3 {
+                skipped.push(Skipped { image_id: 3, path: "b/3.jpg".into(), reason: "broken".into() });
+                continue;
+            }
+            for v in 0..2 {
+                let vals: Vec<f32> = (0..20).map(|i| value(img, v, i)).collect();
+                let slot = (img - range.start) * 2 + u64::from(v);
+                let e = sw.write(slot, &vals).expect("write");
+                rows.push(IndexRow {
+                    image_id: img,
+                    path: format!("a/{img}.jpg"),
+                    label: Some(img as i32 % 2),
+                    view: v,
+                    params: sampler.sample(img, v, 100, 80),
+                    shard: s,
+                    offset: e.offset,
+                    length: e.length,
+                    crc32c: e.crc,
+                });
+            }
+        }
+        let report = ShardReport {
+            shard: s,
+            first_image: range.start,
+            num_images: (range.end - range.start) as u32,
+            views_stored: rows.len() as u64,
+            shard_bytes: 0,
+            index_bytes: 0,
+            skipped,
+        };
+        claim.commit(sw, &rows, report).expect("commit");
+    }
+}
+
+#[test]
+fn write_then_read_every_way() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let m = manifest(Codec::F32, 0);
+    fill(dir.path(), &m);
+    let store = Store::open(dir.path()).expect("open");
+    let t = store.targets(4, 1).expect("ok").expect("present");
+    assert_eq!(t.as_f32().expect("f32 zero-copy")[7], value(4, 1, 7));
+    assert!(store.targets(3, 0).expect("ok").is_none(), "skipped image has no targets");
+    assert!(store.targets(5, 0).is_err(), "out of range");
+    let streamed: Vec<_> = store.stream().collect::<Result<_>>().expect("stream");
+    assert_eq!(streamed.len(), 8);
+    for (row, t) in &streamed {
+        assert_eq!(t.to_vec()[3], value(row.image_id, row.view, 3));
+    }
+    let index = store.index().expect("index");
+    assert_eq!(index.len(), 8);
+    assert_eq!(index[0].params, ViewSampler::new(0, m.views.settings.clone()).sample(0, 0, 100, 80), "params round-trip through parquet");
+    assert_eq!(store.report(1).expect("report").expect("done").skipped[0].reason, "broken");
+}
+
+#[test]
+fn f16_store_is_zero_copy_and_close() {
+    let dir = tempfile::tempdir().expect("tmp");
+    fill(dir.path(), &manifest(Codec::F16, 0));
+    let store = Store::open(dir.path()).expect("open");
+    let t = store.targets(2, 0).expect("ok").expect("present");
+    let h = t.as_f16().expect("f16 zero-copy");
+    assert!((h[5].to_f32() - value(2, 0, 5)).abs() < 0.02);
+}
+
+#[test]
+fn incompatible_store_is_refused_with_the_field_named() {
+    let dir = tempfile::tempdir().expect("tmp");
+    StoreWriter::create_or_open(dir.path(), &manifest(Codec::F16, 0)).expect("create");
+    let err = StoreWriter::create_or_open(dir.path(), &manifest(Codec::F16, 1)).expect_err("seed differs").to_string();
+    assert!(err.contains("views.seed"), "{err}");
+    let err = StoreWriter::create_or_open(dir.path(), &manifest(Codec::F32, 0)).expect_err("codec differs").to_string();
+    assert!(err.contains("codec"), "{err}");
+}
+
+#[test]
+fn incomplete_store_is_refused_and_claims_are_exclusive() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let m = manifest(Codec::F16, 0);
+    let w1 = StoreWriter::create_or_open(dir.path(), &m).expect("create");
+    let w2 = StoreWriter::create_or_open(dir.path(), &m).expect("reopen");
+    let c = w1.try_claim(0).expect("claim").expect("free");
+    assert!(w2.try_claim(0).expect("claim").is_none(), "second writer must not get a held shard");
+    // a crashed writer's temporary file is cleaned when the shard is claimed again
+    let stale = dir.path().join("shards/.shard-00000.bin.abc.tmp");
+    std::fs::write(&stale, b"junk").expect("write");
+    drop(c);
+    let _c = w2.try_claim(0).expect("claim").expect("free after release");
+    assert!(!stale.exists());
+    let err = Store::open(dir.path()).expect_err("incomplete").to_string();
+    assert!(err.contains("3 of 3 shards are not complete"), "{err}");
+}
+
+#[test]
+fn shard_from_another_store_is_refused() {
+    let a = tempfile::tempdir().expect("tmp");
+    let b = tempfile::tempdir().expect("tmp");
+    fill(a.path(), &manifest(Codec::F16, 0));
+    fill(b.path(), &manifest(Codec::F16, 9));
+    std::fs::copy(b.path().join("shards/shard-00001.bin"), a.path().join("shards/shard-00001.bin")).expect("copy");
+    let store = Store::open(a.path()).expect("open");
+    let err = store.targets(2, 0).expect_err("foreign shard").to_string();
+    assert!(err.contains("another store"), "{err}");
+}
