@@ -1,1 +1,26 @@
-//! placeholder
+//! `caev2 extract`: run a frozen teacher ONCE over K augmented views of every
+//! image and write its tokens, with the exact parameters of each view, into a
+//! [`shard_store`] feature store.
+//!
+//! * [`Dataset`] lists an ImageNet-style folder (sorted; image id = position).
+//! * [`Teacher`] loads an ONNX teacher with ONNX Runtime (`ort`, loaded
+//!   dynamically from the library `scripts/setup.sh` installs) and resolves
+//!   its identity from `caev2.*` metadata or the command line.
+//! * [`run_extract`] is the pipeline: decoding and view rendering on a rayon
+//!   pool, inference, and shard writing run concurrently; work is split into
+//!   shards claimed under file locks, so a run can be killed and resumed, and
+//!   several processes (`--num-workers/--worker-index`, or simply several
+//!   runs on one folder) fill one store.
+//!
+//! The views are drawn and rendered by [`caev2_views`], the same code the
+//! trainer uses to rebuild the student's pixels.
+
+mod dataset;
+mod error;
+mod extract;
+mod teacher;
+
+pub use dataset::{Dataset, IMAGE_EXTENSIONS, ImageFile};
+pub use error::{ExtractError, Result};
+pub use extract::{ExtractConfig, ExtractSummary, build_manifest, run_extract};
+pub use teacher::{ClipModel, ORT_VERSION, Teacher, TeacherSpec, deps_dir, environment, models_dir, ort_library, sha256_file};

@@ -1,1 +1,8 @@
-//! placeholder
+//! The `caev2` command line and the store tools behind it.
+//!
+//! `caev2 extract` drives [`target_extractor`]; `caev2 inspect` reads a
+//! [`shard_store`] store: [`inspect::summary`] from the manifest, index and
+//! shard reports only (fast on a large store), [`inspect::verify`] by
+//! checking every checksum and that the index and shards agree.
+
+pub mod inspect;

@@ -101,3 +101,9 @@ pub fn decode_image_bytes(bytes: &[u8], path: &Path, apply_exif_orientation: boo
 fn format_name(f: image::ImageFormat) -> &'static str {
     f.extensions_str().first().copied().unwrap_or("unknown")
 }
+
+/// Identity of the decoder stack, recorded in store manifests: JPEG decoding
+/// can differ by a level between decoders, so a store built with one decoder
+/// only rebuilds bit for bit with the same one. Bump it with the `image`
+/// pin in the workspace `Cargo.toml`.
+pub const DECODER_ID: &str = "image 0.25.10 (zune-jpeg, png)";

@@ -31,7 +31,7 @@ mod render;
 mod rng;
 mod sampler;
 
-pub use decode::{DecodeError, DecodedImage, decode_image, decode_image_bytes};
+pub use decode::{DECODER_ID, DecodeError, DecodedImage, decode_image, decode_image_bytes};
 pub use params::{ColorOp, CropBox, Interpolation, ViewParams, ViewSettings};
 pub use pil::{blend, contrast_mean, resize_bicubic, to_grayscale};
 pub use render::{normalize_chw, render_crop, render_view};

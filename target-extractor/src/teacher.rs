@@ -1,0 +1,321 @@
+//! The frozen teacher: an ONNX model run with ONNX Runtime.
+//!
+//! A teacher maps `[B, 3, S, S]` normalised images to `[B, T, D]` tokens
+//! (`T = has_cls + (S/patch)^2`). What caev2 needs to know about it (name,
+//! mean/std, patch size, CLS, output name, default input size) is read from
+//! `caev2.*` metadata properties in the ONNX file, which the project's export
+//! scripts write, and can be given or overridden on the command line.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::TensorRef;
+use sha2::{Digest, Sha256};
+use shard_store::TeacherInfo;
+
+use crate::error::{ExtractError, Result};
+
+/// The ONNX Runtime shared library version the project pins.
+pub const ORT_VERSION: &str = "1.31.1";
+
+/// Where `scripts/setup.sh` installs things, baked in at build time.
+pub fn deps_dir() -> PathBuf {
+    PathBuf::from(env!("CAEV2_BUILD_DEPS_DIR"))
+}
+
+/// The ONNX Runtime library: `$ORT_DYLIB_PATH`, else the one installed by
+/// `scripts/setup.sh`.
+pub fn ort_library() -> PathBuf {
+    std::env::var_os("ORT_DYLIB_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| deps_dir().join("onnxruntime").join(format!("libonnxruntime.so.{ORT_VERSION}")))
+}
+
+/// The folder of teacher models: `$CAEV2_MODELS`, else `.deps/models`.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("CAEV2_MODELS").map(PathBuf::from).unwrap_or_else(|| deps_dir().join("models"))
+}
+
+static ENV: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
+
+/// The process-wide ONNX Runtime environment, loading the library once.
+///
+/// # Errors
+/// [`ExtractError::Runtime`] when the library is missing or unusable.
+pub fn environment() -> Result<&'static Environment> {
+    ENV.get_or_init(|| {
+        let lib = ort_library();
+        if !lib.exists() {
+            return Err(format!("ONNX Runtime library {} not found: run scripts/setup.sh or set ORT_DYLIB_PATH", lib.display()));
+        }
+        ort::init_from(&lib)
+            .map_err(|e| format!("cannot load {}: {e}", lib.display()))?
+            .with_name("caev2")
+            .build()
+            .map_err(|e| format!("cannot start ONNX Runtime from {}: {e}", lib.display()))
+    })
+    .as_ref()
+    .map_err(|e| ExtractError::Runtime(e.clone()))
+}
+
+/// What the user said about the teacher; `None` fields come from the
+/// model's `caev2.*` metadata.
+#[derive(Debug, Clone, Default)]
+pub struct TeacherSpec {
+    /// The ONNX file.
+    pub path: PathBuf,
+    /// Name to record.
+    pub name: Option<String>,
+    /// Input size in pixels.
+    pub input_size: Option<u32>,
+    /// Input mean.
+    pub mean: Option<[f32; 3]>,
+    /// Input std.
+    pub std: Option<[f32; 3]>,
+    /// Patch size.
+    pub patch_size: Option<u32>,
+    /// Whether token 0 is CLS.
+    pub has_cls: Option<bool>,
+    /// Output name (default: the model's first output).
+    pub output: Option<String>,
+}
+
+/// Built-in CLIP teachers, exported by `target-extractor/scripts/export_clip.py`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClipModel {
+    /// CLIP ViT-B/16 at 224 px: 197 x 512 targets.
+    Base16,
+    /// CLIP ViT-L/14 at 196 px: 197 x 768 targets.
+    Large14,
+}
+
+impl ClipModel {
+    /// Parse `base16` / `large14`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "base16" | "b16" => Some(Self::Base16),
+            "large14" | "l14" => Some(Self::Large14),
+            _ => None,
+        }
+    }
+
+    /// File name in the models folder.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Self::Base16 => "clip-vit-b16.onnx",
+            Self::Large14 => "clip-vit-l14.onnx",
+        }
+    }
+
+    /// Argument of the export script.
+    pub fn export_arg(self) -> &'static str {
+        match self {
+            Self::Base16 => "base16",
+            Self::Large14 => "large14",
+        }
+    }
+
+    /// The spec for this model in `models_dir`, or an error that says how
+    /// to create it.
+    ///
+    /// # Errors
+    /// [`ExtractError::Teacher`] when the file does not exist.
+    pub fn spec(self, models_dir: &Path) -> Result<TeacherSpec> {
+        let path = models_dir.join(self.file_name());
+        if !path.exists() {
+            return Err(ExtractError::Teacher {
+                path,
+                what: format!(
+                    "not found. Export it once (needs torch + transformers and network access for the weights):\n  \
+                     python target-extractor/scripts/export_clip.py --model {} --out {}\n\
+                     or use --teacher FILE.onnx (e.g. {}/dinov2-vits14.onnx, installed by scripts/setup.sh)",
+                    self.export_arg(),
+                    models_dir.join(self.file_name()).display(),
+                    models_dir.display()
+                ),
+            });
+        }
+        Ok(TeacherSpec { path, ..Default::default() })
+    }
+}
+
+/// A loaded teacher.
+pub struct Teacher {
+    session: Session,
+    input_name: String,
+    output_name: String,
+    info: TeacherInfo,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Teacher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Teacher").field("path", &self.path).field("info", &self.info).finish()
+    }
+}
+
+fn parse_triple(s: &str) -> Option<[f32; 3]> {
+    let v: Vec<f32> = s.split(',').map(|x| x.trim().parse().ok()).collect::<Option<_>>()?;
+    (v.len() == 3).then(|| [v[0], v[1], v[2]])
+}
+
+/// SHA-256 of a file, hex.
+///
+/// # Errors
+/// IO errors.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| ExtractError::io(path, "open", e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| ExtractError::io(path, "read", e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+impl Teacher {
+    /// Load the model, resolve its identity and probe its output shape with
+    /// one forward pass.
+    ///
+    /// # Errors
+    /// [`ExtractError::Teacher`] naming the file and what does not fit.
+    pub fn load(spec: &TeacherSpec, intra_threads: usize) -> Result<Self> {
+        let path = spec.path.clone();
+        let bad = |what: String| ExtractError::Teacher { path: path.clone(), what };
+        if !path.exists() {
+            return Err(bad("file not found".into()));
+        }
+        let env = environment()?;
+        let session = Session::builder(env)?
+            .with_optimization_level(GraphOptimizationLevel::Level3)?
+            .with_intra_threads(intra_threads.max(1))?
+            .commit_from_file(&path)
+            .map_err(|e| bad(format!("cannot load: {e}")))?;
+        let meta = session.metadata()?;
+        let get = |k: &str| meta.custom(&format!("caev2.{k}"));
+        let need = |what: &str, flag: &str| bad(format!("the model has no caev2.{what} metadata; pass {flag}"));
+        let name = spec.name.clone().or_else(|| get("name")).unwrap_or_else(|| {
+            path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "teacher".into())
+        });
+        let mean = match spec.mean {
+            Some(m) => m,
+            None => get("mean").and_then(|s| parse_triple(&s)).ok_or_else(|| need("mean", "--teacher-mean R,G,B"))?,
+        };
+        let std = match spec.std {
+            Some(s) => s,
+            None => get("std").and_then(|s| parse_triple(&s)).ok_or_else(|| need("std", "--teacher-std R,G,B"))?,
+        };
+        let patch_size = match spec.patch_size {
+            Some(p) => p,
+            None => get("patch_size").and_then(|s| s.parse().ok()).ok_or_else(|| need("patch_size", "--teacher-patch N"))?,
+        };
+        let input_size = match spec.input_size {
+            Some(s) => s,
+            None => get("default_input_size").and_then(|s| s.parse().ok()).ok_or_else(|| need("default_input_size", "--teacher-size PIXELS"))?,
+        };
+        let has_cls = match spec.has_cls {
+            Some(c) => c,
+            None => get("has_cls").map(|s| s == "true").unwrap_or(true),
+        };
+        drop(meta);
+        if session.inputs().len() != 1 {
+            return Err(bad(format!("expected one input [B,3,H,W], the model has {}", session.inputs().len())));
+        }
+        let input_name = session.inputs()[0].name().to_owned();
+        let output_name = match spec.output.clone() {
+            Some(o) => o,
+            None => session.outputs().first().map(|o| o.name().to_owned()).ok_or_else(|| bad("the model has no outputs".into()))?,
+        };
+        if !session.outputs().iter().any(|o| o.name() == output_name) {
+            let names: Vec<_> = session.outputs().iter().map(|o| o.name().to_owned()).collect();
+            return Err(bad(format!("no output named {output_name:?} (outputs: {names:?})")));
+        }
+        if patch_size == 0 || input_size % patch_size != 0 {
+            return Err(bad(format!("input size {input_size} is not a multiple of the patch size {patch_size}")));
+        }
+        let onnx_sha256 = sha256_file(&path)?;
+        let mut t = Self {
+            session,
+            input_name,
+            output_name,
+            info: TeacherInfo {
+                name,
+                onnx_sha256,
+                output: String::new(),
+                input_size,
+                mean,
+                std,
+                patch_size,
+                has_cls,
+                grid: [input_size / patch_size; 2],
+                tokens: 0,
+                dim: 0,
+                precision: "fp32".into(),
+            },
+            path: path.clone(),
+        };
+        t.info.output = t.output_name.clone();
+        // Probe: one forward pass gives tokens and dim.
+        let s = input_size as usize;
+        let probe = vec![0f32; 3 * s * s];
+        let (shape, _) = t.forward_raw(&probe, 1).map_err(|e| bad(format!("fails on a 1x3x{s}x{s} input: {e}")))?;
+        if shape.len() != 3 {
+            return Err(bad(format!("output {:?} has shape {shape:?}, expected [B, tokens, dim]", t.output_name)));
+        }
+        let (tokens, dim) = (shape[1] as u32, shape[2] as u32);
+        let g = input_size / patch_size;
+        let expect = u32::from(has_cls) + g * g;
+        if tokens != expect {
+            return Err(bad(format!(
+                "output has {tokens} tokens, expected {expect} ({}{g}x{g} patches at {input_size} px with patch {patch_size}); check --teacher-patch/--teacher-size/--teacher-has-cls",
+                if has_cls { "CLS + " } else { "" }
+            )));
+        }
+        t.info.tokens = tokens;
+        t.info.dim = dim;
+        Ok(t)
+    }
+
+    /// The identity recorded in stores.
+    pub fn info(&self) -> &TeacherInfo {
+        &self.info
+    }
+
+    /// The ONNX file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn forward_raw(&mut self, input: &[f32], batch: usize) -> Result<(Vec<i64>, Vec<f32>)> {
+        let s = self.info.input_size as usize;
+        let tensor = TensorRef::from_array_view(([batch, 3, s, s], input))?;
+        let outputs = self.session.run(ort::inputs![self.input_name.as_str() => tensor])?;
+        let out = outputs
+            .get(&self.output_name)
+            .ok_or_else(|| ExtractError::Runtime(format!("output {:?} missing from the results", self.output_name)))?;
+        let (shape, data) = out.try_extract_tensor::<f32>()?;
+        Ok((shape.to_vec(), data.to_vec()))
+    }
+
+    /// Run a batch: `input` is `batch x 3 x S x S` (CHW, normalised), the
+    /// result `batch x tokens x dim`.
+    ///
+    /// # Errors
+    /// ONNX Runtime errors or an output of unexpected shape.
+    pub fn forward(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>> {
+        let (shape, data) = self.forward_raw(input, batch)?;
+        let expect = [batch as i64, i64::from(self.info.tokens), i64::from(self.info.dim)];
+        if shape != expect {
+            return Err(ExtractError::Teacher { path: self.path.clone(), what: format!("output shape {shape:?}, expected {expect:?}") });
+        }
+        Ok(data)
+    }
+}
