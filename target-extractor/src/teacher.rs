@@ -195,7 +195,7 @@ impl Teacher {
         }
         let env = environment()?;
         let session = Session::builder(env)?
-            .with_optimization_level(GraphOptimizationLevel::Level3)?
+            .with_optimization_level(GraphOptimizationLevel::All)?
             .with_intra_threads(intra_threads.max(1))?
             .commit_from_file(&path)
             .map_err(|e| bad(format!("cannot load: {e}")))?;

@@ -40,3 +40,6 @@ pub use sampler::ViewSampler;
 
 /// An 8-bit RGB image, row-major, 3 bytes per pixel.
 pub type RgbImage = image::RgbImage;
+
+/// One pixel of an [`RgbImage`].
+pub type RgbPixel = image::Rgb<u8>;
