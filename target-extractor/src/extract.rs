@@ -86,6 +86,8 @@ pub struct ExtractSummary {
     pub bytes_written: u64,
     /// Wall time.
     pub elapsed: Duration,
+    /// Part of `elapsed` spent loading and probing the teacher.
+    pub teacher_load: Duration,
     /// Whether every shard of the store is now complete.
     pub store_complete: bool,
     /// The store's manifest.
@@ -143,7 +145,9 @@ pub fn run_extract(cfg: &ExtractConfig) -> Result<ExtractSummary> {
         return Err(ExtractError::Config(format!("--worker-index {} must be below --num-workers {}", cfg.worker_index, cfg.num_workers)));
     }
     let ds = Dataset::scan(&cfg.data)?;
+    let load_start = Instant::now();
     let mut teacher = Teacher::load(&cfg.teacher, cfg.threads)?;
+    let teacher_load = load_start.elapsed();
     let manifest = build_manifest(cfg, &teacher, &ds);
     let store = StoreWriter::create_or_open(&cfg.out, &manifest)?;
     if let Some(d) = &cfg.dump_inputs {
@@ -151,7 +155,7 @@ pub fn run_extract(cfg: &ExtractConfig) -> Result<ExtractSummary> {
     }
 
     let layout = &manifest.layout;
-    let mut summary = ExtractSummary { images: ds.files.len() as u64, shards_total: layout.num_shards, ..Default::default() };
+    let mut summary = ExtractSummary { images: ds.files.len() as u64, shards_total: layout.num_shards, teacher_load, ..Default::default() };
     let mut todo = Vec::new();
     for s in 0..layout.num_shards {
         if s % cfg.num_workers != cfg.worker_index || cfg.shards.as_ref().is_some_and(|r| !r.contains(&s)) {

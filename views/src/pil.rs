@@ -119,19 +119,22 @@ pub fn resize_bicubic(src: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
         return RgbImage::from_raw(out_w, out_h, tmp).expect("buffer size matches");
     }
 
-    // Vertical pass.
+    // Vertical pass: accumulate whole rows (vectorisable).
     let mut out = vec![0u8; oh * tmp_w * 3];
     let stride = tmp_w * 3;
+    let mut acc = vec![0i32; stride];
     for (yy, &(ymin, n)) in vert.bounds.iter().enumerate() {
         let k = &vert.kk[yy * vert.ksize..yy * vert.ksize + n];
-        let out_row = &mut out[yy * stride..(yy + 1) * stride];
+        acc.fill(1i32 << (PRECISION_BITS - 1));
         let base = ymin - row0;
-        for c in 0..stride {
-            let mut ss = 1i32 << (PRECISION_BITS - 1);
-            for (y, &ky) in k.iter().enumerate() {
-                ss += i32::from(tmp[(base + y) * stride + c]) * ky;
+        for (y, &ky) in k.iter().enumerate() {
+            let in_row = &tmp[(base + y) * stride..(base + y + 1) * stride];
+            for (a, &v) in acc.iter_mut().zip(in_row) {
+                *a += i32::from(v) * ky;
             }
-            out_row[c] = clip8(ss);
+        }
+        for (o, &a) in out[yy * stride..(yy + 1) * stride].iter_mut().zip(&acc) {
+            *o = clip8(a);
         }
     }
     RgbImage::from_raw(out_w, out_h, out).expect("buffer size matches")

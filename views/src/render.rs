@@ -4,14 +4,35 @@ use crate::RgbImage;
 use crate::params::{ColorOp, ViewParams};
 use crate::pil::{blend, contrast_mean, resize_bicubic, to_grayscale};
 
-#[inline]
-fn apply_op(op: ColorOp, factor: f32, p: [u8; 3], mean: u8) -> [u8; 3] {
-    match op {
-        ColorOp::Brightness => p.map(|v| blend(0, v, factor)),
-        ColorOp::Contrast => p.map(|v| blend(mean, v, factor)),
-        ColorOp::Saturation => {
-            let g = to_grayscale(p);
-            p.map(|v| blend(g, v, factor))
+/// One colour operation prepared for fast application: brightness and
+/// contrast are per-value maps (a 256-entry table of Pillow's blend);
+/// saturation blends with the pixel's own gray level.
+enum PreparedOp {
+    Table([u8; 256]),
+    Saturation(f32),
+}
+
+impl PreparedOp {
+    fn new(op: ColorOp, factor: f32, mean: u8) -> Self {
+        match op {
+            ColorOp::Brightness => Self::Table(std::array::from_fn(|v| blend(0, v as u8, factor))),
+            ColorOp::Contrast => Self::Table(std::array::from_fn(|v| blend(mean, v as u8, factor))),
+            ColorOp::Saturation => Self::Saturation(factor),
+        }
+    }
+
+    /// Apply to a row of RGB pixels in place.
+    fn apply(&self, row: &mut [u8]) {
+        match self {
+            Self::Table(t) => row.iter_mut().for_each(|v| *v = t[usize::from(*v)]),
+            Self::Saturation(f) => {
+                for p in row.chunks_exact_mut(3) {
+                    let g = to_grayscale([p[0], p[1], p[2]]);
+                    p[0] = blend(g, p[0], *f);
+                    p[1] = blend(g, p[1], *f);
+                    p[2] = blend(g, p[2], *f);
+                }
+            }
         }
     }
 }
@@ -37,31 +58,46 @@ pub fn render_crop(img: &RgbImage, params: &ViewParams) -> RgbImage {
     );
     let c = params.crop;
     assert!(c.top + c.height <= img.height() && c.left + c.width <= img.width(), "crop box outside the image");
+    let (w, cw) = (img.width() as usize, c.width as usize);
+    let src = img.as_raw();
 
     // Mean gray level before the contrast op, over the whole image.
     let ci = params.jitter.iter().position(|(op, _)| *op == ColorOp::Contrast).unwrap_or(3);
-    let before = &params.jitter[..ci.min(3)];
-    let gray_sum: u64 = img
-        .pixels()
-        .map(|p| {
-            let q = before.iter().fold(p.0, |q, &(op, f)| apply_op(op, f, q, 0));
-            u64::from(to_grayscale(q))
-        })
-        .sum();
-    let mean = contrast_mean(gray_sum, u64::from(img.width()) * u64::from(img.height()));
+    let before: Vec<PreparedOp> = params.jitter[..ci].iter().map(|&(op, f)| PreparedOp::new(op, f, 0)).collect();
+    let mut row = vec![0u8; w * 3];
+    let mut gray_sum = 0u64;
+    for src_row in src.chunks_exact(w * 3) {
+        let r: &[u8] = if before.is_empty() {
+            src_row
+        } else {
+            row.copy_from_slice(src_row);
+            before.iter().for_each(|op| op.apply(&mut row));
+            &row
+        };
+        gray_sum += r.chunks_exact(3).map(|p| u64::from(to_grayscale([p[0], p[1], p[2]]))).sum::<u64>();
+    }
+    let mean = contrast_mean(gray_sum, (w * img.height() as usize) as u64);
+    let ops: Vec<PreparedOp> = params.jitter.iter().map(|&(op, f)| PreparedOp::new(op, f, mean)).collect();
 
     // Crop in original coordinates, jitter, flip.
-    let x0 = if params.flip { img.width() - c.left - c.width } else { c.left };
-    let mut out = RgbImage::new(c.width, c.height);
-    for y in 0..c.height {
-        for x in 0..c.width {
-            let p = img.get_pixel(x0 + x, c.top + y).0;
-            let q = params.jitter.iter().fold(p, |q, &(op, f)| apply_op(op, f, q, mean));
-            let ox = if params.flip { c.width - 1 - x } else { x };
-            out.put_pixel(ox, y, image::Rgb(q));
+    let x0 = if params.flip { w - c.left as usize - cw } else { c.left as usize };
+    let mut out = vec![0u8; cw * c.height as usize * 3];
+    for (y, dst) in out.chunks_exact_mut(cw * 3).enumerate() {
+        let start = ((c.top as usize + y) * w + x0) * 3;
+        dst.copy_from_slice(&src[start..start + cw * 3]);
+        ops.iter().for_each(|op| op.apply(dst));
+        if params.flip {
+            let (mut i, mut j) = (0, cw - 1);
+            while i < j {
+                for k in 0..3 {
+                    dst.swap(i * 3 + k, j * 3 + k);
+                }
+                i += 1;
+                j -= 1;
+            }
         }
     }
-    out
+    RgbImage::from_raw(c.width, c.height, out).expect("buffer size matches")
 }
 
 /// A view's pixels at `size x size`: [`render_crop`] then Pillow bicubic.
@@ -101,9 +137,8 @@ mod tests {
         for &(op, f) in &p.jitter {
             let n = u64::from(full.width()) * u64::from(full.height());
             let mean = contrast_mean(full.pixels().map(|q| u64::from(to_grayscale(q.0))).sum(), n);
-            for q in full.pixels_mut() {
-                q.0 = apply_op(op, f, q.0, mean);
-            }
+            let prepared = PreparedOp::new(op, f, mean);
+            prepared.apply(&mut full);
         }
         if p.flip {
             image::imageops::flip_horizontal_in_place(&mut full);

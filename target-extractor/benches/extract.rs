@@ -1,0 +1,166 @@
+//! Extraction benchmark: `caev2 extract` vs the teacher alone vs the Python
+//! reference pipeline, side by side in one run with the same model, images,
+//! views, batch and thread count.
+//!
+//! ```text
+//! cargo bench -p target-extractor --bench extract -- [--data DIR] [--images N]
+//!     [--views K] [--batch B] [--threads T] [--decode-threads D] [--model M.onnx]
+//! ```
+//! Defaults: `../shared/data/imagenet-sample` when present (else the setup's
+//! sample photos), 100 images, K = 2, B = 16, T = all cores, the DINOv2-style
+//! ViT-S/14 teacher at its default 196 px. Prints a Markdown table and writes
+//! `target/bench/extract.json`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use shard_store::Codec;
+use target_extractor::{Dataset, ExtractConfig, Teacher, TeacherSpec, deps_dir, run_extract};
+
+struct Args {
+    data: PathBuf,
+    images: usize,
+    views: u32,
+    batch: usize,
+    threads: usize,
+    decode_threads: usize,
+    model: PathBuf,
+    rounds: usize,
+}
+
+fn parse() -> Args {
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_owned();
+    let shared = ws.parent().expect("parent").join("shared/data/imagenet-sample/images");
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut a = Args {
+        data: if shared.exists() { shared } else { deps_dir().join("data/imagenet-mini") },
+        images: 100,
+        views: 2,
+        batch: 16,
+        threads: cores,
+        decode_threads: (cores / 4).max(1),
+        model: deps_dir().join("models/dinov2-vits14.onnx"),
+        rounds: 2,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).filter(|x| x != "--bench").collect();
+    let mut it = argv.iter();
+    while let Some(k) = it.next() {
+        let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
+        match k.as_str() {
+            "--data" => a.data = v.into(),
+            "--images" => a.images = v.parse().expect("--images N"),
+            "--views" => a.views = v.parse().expect("--views K"),
+            "--batch" => a.batch = v.parse().expect("--batch B"),
+            "--threads" => a.threads = v.parse().expect("--threads T"),
+            "--decode-threads" => a.decode_threads = v.parse().expect("--decode-threads D"),
+            "--model" => a.model = v.into(),
+            "--rounds" => a.rounds = v.parse().expect("--rounds R"),
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+/// A folder of symlinks to the first `n` images (class layout kept).
+fn subset(data: &Path, n: usize, dst: &Path) {
+    let ds = Dataset::scan(data).expect("scan dataset");
+    for f in ds.files.iter().take(n) {
+        let to = dst.join(&f.rel);
+        std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
+        std::os::unix::fs::symlink(data.join(&f.rel), &to).expect("symlink");
+    }
+}
+
+fn main() {
+    let a = parse();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    subset(&a.data, a.images, &data);
+    let views_total = (a.images as u64) * u64::from(a.views);
+    eprintln!("bench: {} images x {} views, batch {}, {} ORT threads, {} decode threads, model {}", a.images, a.views, a.batch, a.threads, a.decode_threads, a.model.display());
+
+    let cfg = ExtractConfig {
+        data: data.clone(),
+        out: tmp.path().join("store"),
+        teacher: TeacherSpec { path: a.model.clone(), ..Default::default() },
+        views: a.views,
+        batch: a.batch,
+        threads: a.threads,
+        decode_threads: a.decode_threads,
+        codec: Codec::F16,
+        seed: 0,
+        student_size: 224,
+        images_per_shard: 256,
+        num_workers: 1,
+        worker_index: 0,
+        shards: None,
+        apply_exif_orientation: true,
+        dump_inputs: None,
+        progress: false,
+    };
+    let mut teacher = Teacher::load(&cfg.teacher, a.threads).expect("teacher");
+    let size = teacher.info().input_size as usize;
+    let per = 3 * size * size;
+    let input: Vec<f32> = (0..per * a.batch).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    let py = std::env::var_os("CAEV2_PYTHON").map(PathBuf::from).unwrap_or_else(|| deps_dir().join("py/bin/python"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/reference_pipeline.py");
+    // Interleaved rounds; the best of each is reported (least disturbed by
+    // whatever else the machine does).
+    let (mut infer_vps, mut extract_vps, mut py_vps) = (0f64, 0f64, 0f64);
+    let (mut infer_secs, mut extract_secs, mut py_secs) = (f64::MAX, f64::MAX, f64::MAX);
+    for round in 0..a.rounds {
+        // 1. the teacher alone on ready-made inputs, same batch and threads
+        let t = Instant::now();
+        let mut done = 0u64;
+        while done < views_total {
+            let n = (views_total - done).min(a.batch as u64) as usize;
+            teacher.forward(&input[..n * per], n).expect("forward");
+            done += n as u64;
+        }
+        infer_secs = infer_secs.min(t.elapsed().as_secs_f64());
+        infer_vps = views_total as f64 / infer_secs;
+
+        // 2. caev2 extract (pipeline time, excluding the one-time teacher load)
+        let _ = std::fs::remove_dir_all(&cfg.out);
+        let s = run_extract(&cfg).expect("extract");
+        assert_eq!(s.views_stored, views_total, "every view stored");
+        extract_secs = extract_secs.min((s.elapsed - s.teacher_load).as_secs_f64());
+        extract_vps = views_total as f64 / extract_secs;
+
+        // 3. the Python reference pipeline (PIL + torchvision-style transforms + onnxruntime)
+        let out = Command::new(&py)
+            .arg(&script)
+            .args(["bench", "--data"])
+            .arg(&data)
+            .arg("--model")
+            .arg(&a.model)
+            .args(["--views", &a.views.to_string(), "--batch", &a.batch.to_string(), "--threads", &a.threads.to_string()])
+            .arg("--out")
+            .arg(tmp.path().join("python.f16"))
+            .output()
+            .expect("run python reference");
+        assert!(out.status.success(), "python reference failed: {}", String::from_utf8_lossy(&out.stderr));
+        let py_json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("python json");
+        py_secs = py_secs.min(py_json["seconds"].as_f64().expect("seconds"));
+        py_vps = views_total as f64 / py_secs;
+        eprintln!("round {round}: inference {infer_vps:.2}, extract {extract_vps:.2}, python {py_vps:.2} views/s (best so far)");
+    }
+
+    println!("| pipeline | views | seconds | views/s | vs inference only |");
+    println!("|---|---:|---:|---:|---:|");
+    println!("| teacher inference only (ort) | {views_total} | {infer_secs:.2} | {infer_vps:.2} | 1.00 |");
+    println!("| caev2 extract (decode + views + inference + f16 store) | {views_total} | {extract_secs:.2} | {extract_vps:.2} | {:.3} |", extract_vps / infer_vps);
+    println!("| Python reference (PIL + transforms + onnxruntime) | {views_total} | {py_secs:.2} | {py_vps:.2} | {:.3} |", py_vps / infer_vps);
+    println!("\ncaev2 extract / Python reference = {:.2}x; extract / inference-only = {:.3}", extract_vps / py_vps, extract_vps / infer_vps);
+    let report = serde_json::json!({
+        "rounds": a.rounds, "images": a.images, "views_per_image": a.views, "batch": a.batch, "threads": a.threads,
+        "decode_threads": a.decode_threads, "model": a.model, "data": a.data,
+        "extract_views_per_second": extract_vps, "inference_only_views_per_second": infer_vps,
+        "python_views_per_second": py_vps,
+        "extract_over_inference": extract_vps / infer_vps, "extract_over_python": extract_vps / py_vps,
+    });
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("ws").join("target/bench");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("extract.json"), serde_json::to_string_pretty(&report).expect("json")).expect("write");
+}
