@@ -61,7 +61,8 @@ PYEOF
   rm -rf "$DEPS/dl-ort"
   stamp_set ort "$ORT_VERSION"
 fi
-ORT_DYLIB_PATH="$ORT_DIR/libonnxruntime.so.$ORT_VERSION"
+ln -sf "libonnxruntime.so.$ORT_VERSION" "$ORT_DIR/libonnxruntime.so"
+ORT_DYLIB_PATH="$ORT_DIR/libonnxruntime.so"
 
 # ---- 3. Python tools venv (fixtures, teacher graph edit, reference pipeline) --
 VENV="$DEPS/py"

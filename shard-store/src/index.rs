@@ -102,7 +102,8 @@ pub fn write_index(file: &File, path: &Path, rows: &[IndexRow]) -> Result<()> {
         .set_created_by("caev2 shard-store".into())
         .build();
     let batch = to_batch(rows).map_err(|e| perr(e.into()))?;
-    let mut w = ArrowWriter::try_new(file.try_clone().map_err(io(path, "clone index handle"))?, batch.schema(), Some(props)).map_err(perr)?;
+    let mut w =
+        ArrowWriter::try_new(file.try_clone().map_err(io(path, "clone index handle"))?, batch.schema(), Some(props)).map_err(perr)?;
     w.write(&batch).map_err(perr)?;
     w.close().map_err(perr)?;
     Ok(())
@@ -143,12 +144,21 @@ pub fn read_index(path: &Path) -> Result<Vec<IndexRow>> {
         let offset = column::<UInt64Array>(path, &b, "offset")?;
         for i in 0..b.num_rows() {
             let crop = CropBox { top: ct.value(i), left: cl.value(i), height: ch.value(i), width: cw.value(i) };
-            let params = ViewParams::from_parts(iw.value(i), ih.value(i), order.value(i), fb.value(i), fc.value(i), fs.value(i), flip.value(i), crop)
-                .ok_or_else(|| StoreError::Corrupt {
-                    path: path.to_owned(),
-                    offset: 0,
-                    what: format!("row {i}: jitter order {:?} is not a permutation of \"bcs\"", order.value(i)),
-                })?;
+            let params = ViewParams::from_parts(
+                iw.value(i),
+                ih.value(i),
+                order.value(i),
+                fb.value(i),
+                fc.value(i),
+                fs.value(i),
+                flip.value(i),
+                crop,
+            )
+            .ok_or_else(|| StoreError::Corrupt {
+                path: path.to_owned(),
+                offset: 0,
+                what: format!("row {i}: jitter order {:?} is not a permutation of \"bcs\"", order.value(i)),
+            })?;
             rows.push(IndexRow {
                 image_id: image_id.value(i),
                 path: p.value(i).to_owned(),

@@ -163,10 +163,10 @@ impl Manifest {
     /// The store id as the 12 bytes written in shard headers.
     pub fn store_id_bytes(&self) -> [u8; 12] {
         let mut out = [0u8; 12];
-        if let Ok(b) = hex::decode(&self.store_id) {
-            if b.len() == 12 {
-                out.copy_from_slice(&b);
-            }
+        if let Ok(b) = hex::decode(&self.store_id)
+            && b.len() == 12
+        {
+            out.copy_from_slice(&b);
         }
         out
     }

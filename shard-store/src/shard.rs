@@ -285,7 +285,12 @@ impl ShardReader {
         let record_len = header.record_len() as u32;
         for slot in 0..num_slots {
             let e = reader.entry(slot);
-            if e.is_present() && (e.length != record_len || e.offset < HEADER_LEN as u64 || e.offset + u64::from(e.length) > table_offset || e.offset % RECORD_ALIGN != 0) {
+            if e.is_present()
+                && (e.length != record_len
+                    || e.offset < HEADER_LEN as u64
+                    || e.offset + u64::from(e.length) > table_offset
+                    || !e.offset.is_multiple_of(RECORD_ALIGN))
+            {
                 return Err(corrupt(
                     table_offset + slot * ENTRY_LEN as u64,
                     format!("slot {slot}: record at {} of {} bytes is outside the data area or misaligned", e.offset, e.length),
@@ -336,10 +341,10 @@ impl ShardReader {
         let mut bad = Vec::new();
         for slot in 0..self.header.num_slots() {
             let e = self.entry(slot);
-            if let Some(bytes) = self.record(slot) {
-                if crc32c::crc32c(bytes) != e.crc {
-                    bad.push((slot, e.offset, format!("slot {slot}: record checksum mismatch")));
-                }
+            if let Some(bytes) = self.record(slot)
+                && crc32c::crc32c(bytes) != e.crc
+            {
+                bad.push((slot, e.offset, format!("slot {slot}: record checksum mismatch")));
             }
         }
         bad
@@ -356,7 +361,16 @@ mod tests {
     use super::*;
 
     fn header() -> ShardHeader {
-        ShardHeader { codec: Codec::F32, shard_index: 3, views_per_image: 2, first_image: 6, num_images: 2, tokens: 5, dim: 3, store_id: [7; 12] }
+        ShardHeader {
+            codec: Codec::F32,
+            shard_index: 3,
+            views_per_image: 2,
+            first_image: 6,
+            num_images: 2,
+            tokens: 5,
+            dim: 3,
+            store_id: [7; 12],
+        }
     }
 
     fn write_sample(dir: &Path) -> PathBuf {

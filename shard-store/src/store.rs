@@ -94,7 +94,8 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 fn atomic_write(path: &Path, fill: impl FnOnce(&File) -> Result<()>) -> Result<u64> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = tempfile::Builder::new().prefix(&format!(".{name}.")).suffix(".tmp").tempfile_in(dir).map_err(io(dir, "create temporary file"))?;
+    let tmp =
+        tempfile::Builder::new().prefix(&format!(".{name}.")).suffix(".tmp").tempfile_in(dir).map_err(io(dir, "create temporary file"))?;
     fill(tmp.as_file())?;
     tmp.as_file().sync_all().map_err(io(path, "fsync"))?;
     let len = tmp.as_file().metadata().map_err(io(path, "stat"))?.len();
@@ -126,7 +127,11 @@ impl StoreWriter {
         }
         let path = Manifest::path(root);
         if !path.exists() {
-            let tmp = tempfile::Builder::new().prefix(".manifest.json.").suffix(".tmp").tempfile_in(root).map_err(io(root, "create temporary manifest"))?;
+            let tmp = tempfile::Builder::new()
+                .prefix(".manifest.json.")
+                .suffix(".tmp")
+                .tempfile_in(root)
+                .map_err(io(root, "create temporary manifest"))?;
             tmp.as_file().write_all(&manifest.to_json()).map_err(io(&path, "write manifest"))?;
             tmp.as_file().sync_all().map_err(io(&path, "fsync manifest"))?;
             // persist_noclobber: of two processes racing here, one wins and
@@ -403,7 +408,12 @@ impl Store {
         let ips = u64::from(m.layout.images_per_shard);
         let shard = self.shard((image_id / ips) as u32)?;
         let slot = (image_id % ips) * u64::from(m.views.views_per_image) + u64::from(view);
-        Ok(shard.record(slot).map(|bytes| TargetsRef { bytes, codec: m.codec, tokens: m.teacher.tokens as usize, dim: m.teacher.dim as usize }))
+        Ok(shard.record(slot).map(|bytes| TargetsRef {
+            bytes,
+            codec: m.codec,
+            tokens: m.teacher.tokens as usize,
+            dim: m.teacher.dim as usize,
+        }))
     }
 
     /// Rows of shard `s`'s index part.

@@ -78,7 +78,15 @@ fn main() {
     let data = tmp.path().join("data");
     subset(&a.data, a.images, &data);
     let views_total = (a.images as u64) * u64::from(a.views);
-    eprintln!("bench: {} images x {} views, batch {}, {} ORT threads, {} decode threads, model {}", a.images, a.views, a.batch, a.threads, a.decode_threads, a.model.display());
+    eprintln!(
+        "bench: {} images x {} views, batch {}, {} ORT threads, {} decode threads, model {}",
+        a.images,
+        a.views,
+        a.batch,
+        a.threads,
+        a.decode_threads,
+        a.model.display()
+    );
 
     let cfg = ExtractConfig {
         data: data.clone(),
@@ -147,17 +155,58 @@ fn main() {
         eprintln!("round {round}: inference {infer_vps:.2}, extract {extract_vps:.2}, python {py_vps:.2} views/s (best so far)");
     }
 
+    // 4. decode + augmentation alone, one thread each: what feeds a fast (GPU) teacher
+    let ds = Dataset::scan(&data).expect("scan");
+    let sampler = caev2_views::ViewSampler::new(0, caev2_views::ViewSettings::cae_v2(224, size as u32));
+    let mut buf = vec![0f32; per];
+    let t = Instant::now();
+    for (id, f) in ds.files.iter().enumerate() {
+        let img = caev2_views::decode_image(&data.join(&f.rel), true).expect("decode").rgb;
+        for v in 0..a.views {
+            let p = sampler.sample(id as u64, v, img.width(), img.height());
+            caev2_views::normalize_chw(&caev2_views::render_view(&img, &p, size as u32), [0.5; 3], [0.25; 3], &mut buf);
+        }
+    }
+    let prep_vps = views_total as f64 / t.elapsed().as_secs_f64();
+    let out = Command::new(&py)
+        .arg(&script)
+        .args(["bench", "--no-inference", "--data"])
+        .arg(&data)
+        .arg("--model")
+        .arg(&a.model)
+        .args(["--views", &a.views.to_string(), "--batch", &a.batch.to_string(), "--threads", "1"])
+        .output()
+        .expect("run python reference");
+    assert!(out.status.success(), "python reference failed: {}", String::from_utf8_lossy(&out.stderr));
+    let py_prep: serde_json::Value = serde_json::from_slice(&out.stdout).expect("python json");
+    let py_prep_vps = py_prep["views_per_second"].as_f64().expect("views_per_second");
+
     println!("| pipeline | views | seconds | views/s | vs inference only |");
     println!("|---|---:|---:|---:|---:|");
     println!("| teacher inference only (ort) | {views_total} | {infer_secs:.2} | {infer_vps:.2} | 1.00 |");
-    println!("| caev2 extract (decode + views + inference + f16 store) | {views_total} | {extract_secs:.2} | {extract_vps:.2} | {:.3} |", extract_vps / infer_vps);
-    println!("| Python reference (PIL + transforms + onnxruntime) | {views_total} | {py_secs:.2} | {py_vps:.2} | {:.3} |", py_vps / infer_vps);
-    println!("\ncaev2 extract / Python reference = {:.2}x; extract / inference-only = {:.3}", extract_vps / py_vps, extract_vps / infer_vps);
+    println!(
+        "| caev2 extract (decode + views + inference + f16 store) | {views_total} | {extract_secs:.2} | {extract_vps:.2} | {:.3} |",
+        extract_vps / infer_vps
+    );
+    println!(
+        "| Python reference (PIL + transforms + onnxruntime) | {views_total} | {py_secs:.2} | {py_vps:.2} | {:.3} |",
+        py_vps / infer_vps
+    );
+    println!(
+        "\nDecode + augmentation only, one core: caev2 {prep_vps:.1} views/s, Python (PIL) {py_prep_vps:.1} views/s = {:.2}x",
+        prep_vps / py_prep_vps
+    );
+    println!(
+        "\ncaev2 extract / Python reference = {:.2}x; extract / inference-only = {:.3}",
+        extract_vps / py_vps,
+        extract_vps / infer_vps
+    );
     let report = serde_json::json!({
         "rounds": a.rounds, "images": a.images, "views_per_image": a.views, "batch": a.batch, "threads": a.threads,
         "decode_threads": a.decode_threads, "model": a.model, "data": a.data,
         "extract_views_per_second": extract_vps, "inference_only_views_per_second": infer_vps,
         "python_views_per_second": py_vps,
+        "prep_one_core_views_per_second": prep_vps, "python_prep_one_core_views_per_second": py_prep_vps,
         "extract_over_inference": extract_vps / infer_vps, "extract_over_python": extract_vps / py_vps,
     });
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("ws").join("target/bench");

@@ -104,6 +104,10 @@ def cmd_bench(a):
     batch, n, t0 = [], 0, time.perf_counter()
 
     def flush():
+        if a.no_inference:  # decode + transforms only
+            np.stack(batch)
+            batch.clear()
+            return
         y = sess.run(None, {iname: np.stack(batch)})[0]
         if out:
             out.write(y.astype(np.float16).tobytes())
@@ -153,6 +157,7 @@ def main():
     b.add_argument("--size", type=int)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out")
+    b.add_argument("--no-inference", action="store_true", help="time decode + transforms only")
     v = sub.add_parser("views")
     v.add_argument("spec")
     v.add_argument("out")

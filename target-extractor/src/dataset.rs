@@ -97,10 +97,10 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<()> {
         let rel = if prefix.is_empty() { name.to_owned() } else { format!("{prefix}/{name}") };
         if meta.is_dir() {
             walk(&path, &rel, out)?;
-        } else if let Some((_, ext)) = name.rsplit_once('.') {
-            if IMAGE_EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str()) {
-                out.push(rel);
-            }
+        } else if let Some((_, ext)) = name.rsplit_once('.')
+            && IMAGE_EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str())
+        {
+            out.push(rel);
         }
     }
     Ok(())

@@ -121,7 +121,7 @@ pub fn build_manifest(cfg: &ExtractConfig, teacher: &Teacher, ds: &Dataset) -> M
         ViewsInfo { seed: cfg.seed, views_per_image: cfg.views, settings, decoder: DECODER_ID.into() },
         cfg.codec,
         DatasetInfo {
-            root: ds.root.display().to_string(),
+            root: std::fs::canonicalize(&ds.root).unwrap_or_else(|_| ds.root.clone()).display().to_string(),
             num_images: ds.files.len() as u64,
             file_list_sha256: ds.file_list_sha256(),
             classes: ds.classes.clone(),

@@ -18,9 +18,6 @@ use shard_store::TeacherInfo;
 
 use crate::error::{ExtractError, Result};
 
-/// The ONNX Runtime shared library version the project pins.
-pub const ORT_VERSION: &str = "1.31.1";
-
 /// Where `scripts/setup.sh` installs things, baked in at build time.
 pub fn deps_dir() -> PathBuf {
     PathBuf::from(env!("CAEV2_BUILD_DEPS_DIR"))
@@ -29,9 +26,7 @@ pub fn deps_dir() -> PathBuf {
 /// The ONNX Runtime library: `$ORT_DYLIB_PATH`, else the one installed by
 /// `scripts/setup.sh`.
 pub fn ort_library() -> PathBuf {
-    std::env::var_os("ORT_DYLIB_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| deps_dir().join("onnxruntime").join(format!("libonnxruntime.so.{ORT_VERSION}")))
+    std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from).unwrap_or_else(|| deps_dir().join("onnxruntime/libonnxruntime.so"))
 }
 
 /// The folder of teacher models: `$CAEV2_MODELS`, else `.deps/models`.
@@ -202,9 +197,11 @@ impl Teacher {
         let meta = session.metadata()?;
         let get = |k: &str| meta.custom(&format!("caev2.{k}"));
         let need = |what: &str, flag: &str| bad(format!("the model has no caev2.{what} metadata; pass {flag}"));
-        let name = spec.name.clone().or_else(|| get("name")).unwrap_or_else(|| {
-            path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "teacher".into())
-        });
+        let name = spec
+            .name
+            .clone()
+            .or_else(|| get("name"))
+            .unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "teacher".into()));
         let mean = match spec.mean {
             Some(m) => m,
             None => get("mean").and_then(|s| parse_triple(&s)).ok_or_else(|| need("mean", "--teacher-mean R,G,B"))?,
@@ -219,7 +216,9 @@ impl Teacher {
         };
         let input_size = match spec.input_size {
             Some(s) => s,
-            None => get("default_input_size").and_then(|s| s.parse().ok()).ok_or_else(|| need("default_input_size", "--teacher-size PIXELS"))?,
+            None => {
+                get("default_input_size").and_then(|s| s.parse().ok()).ok_or_else(|| need("default_input_size", "--teacher-size PIXELS"))?
+            }
         };
         let has_cls = match spec.has_cls {
             Some(c) => c,

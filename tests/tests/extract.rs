@@ -19,7 +19,8 @@ fn s(p: &Path) -> &str {
 fn mixed_dataset(dir: &Path) -> PathBuf {
     let data = dir.join("data");
     let photos = dep("data/photos");
-    let mut files: Vec<(&str, PathBuf)> = vec![("png", photos.join("camera.png")), ("png", photos.join("coffee.png")), ("png", photos.join("logo.png"))];
+    let mut files: Vec<(&str, PathBuf)> =
+        vec![("png", photos.join("camera.png")), ("png", photos.join("coffee.png")), ("png", photos.join("logo.png"))];
     let jpegs = imagenet_photos(3);
     files.extend(jpegs.iter().map(|(_, p)| ("jpeg", p.clone())));
     make_dataset(&data, &files);
@@ -31,7 +32,22 @@ fn targets_match_an_independent_python_pipeline() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = mixed_dataset(tmp.path());
     let out = tmp.path().join("store");
-    run_ok(&["extract", "--teacher", s(&tiny_vit()), "--data", s(&data), "--out", s(&out), "--views", "3", "--codec", "f32", "--batch", "4", "--no-progress"]);
+    run_ok(&[
+        "extract",
+        "--teacher",
+        s(&tiny_vit()),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--views",
+        "3",
+        "--codec",
+        "f32",
+        "--batch",
+        "4",
+        "--no-progress",
+    ]);
     let store = Store::open(&out).expect("open");
     assert_eq!((store.manifest().teacher.tokens, store.manifest().teacher.dim), (17, 24));
     let (rows, reference) = python_targets(&store, &data, &tiny_vit());
@@ -57,7 +73,20 @@ fn rebuilt_views_are_bit_identical_to_the_teacher_inputs() {
     let data = mixed_dataset(tmp.path());
     let out = tmp.path().join("store");
     let dump = tmp.path().join("dump");
-    run_ok(&["extract", "--teacher", s(&tiny_vit()), "--data", s(&data), "--out", s(&out), "--views", "4", "--no-progress", "--debug-dump-inputs", s(&dump)]);
+    run_ok(&[
+        "extract",
+        "--teacher",
+        s(&tiny_vit()),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--views",
+        "4",
+        "--no-progress",
+        "--debug-dump-inputs",
+        s(&dump),
+    ]);
     let store = Store::open(&out).expect("open");
     let m = store.manifest();
     let size = m.teacher.input_size;
@@ -79,9 +108,22 @@ fn rebuilt_views_are_bit_identical_to_the_teacher_inputs() {
 fn broken_and_odd_files_are_skipped_or_decoded_and_reported() {
     let tmp = tempfile::tempdir().expect("tmp");
     let out = tmp.path().join("store");
-    let json = run_ok(&["extract", "--teacher", s(&tiny_vit()), "--data", s(&fixture("odd-images")), "--out", s(&out), "--views", "2", "--json", "--no-progress"]);
+    let json = run_ok(&[
+        "extract",
+        "--teacher",
+        s(&tiny_vit()),
+        "--data",
+        s(&fixture("odd-images")),
+        "--out",
+        s(&out),
+        "--views",
+        "2",
+        "--json",
+        "--no-progress",
+    ]);
     let summary: serde_json::Value = serde_json::from_str(&json).expect("json summary");
-    let skipped: Vec<String> = summary["skipped"].as_array().expect("list").iter().map(|x| x["path"].as_str().expect("path").to_owned()).collect();
+    let skipped: Vec<String> =
+        summary["skipped"].as_array().expect("list").iter().map(|x| x["path"].as_str().expect("path").to_owned()).collect();
     assert_eq!(
         skipped,
         ["broken_claims_huge.png", "broken_empty.JPEG", "broken_random.JPEG", "broken_text.JPEG", "broken_truncated.JPEG"],
@@ -104,9 +146,20 @@ fn broken_and_odd_files_are_skipped_or_decoded_and_reported() {
     // a huge (but valid) photo decodes
     let big = tmp.path().join("big");
     std::fs::create_dir_all(&big).expect("mkdir");
-    let img = caev2_views::RgbImage::from_fn(6000, 4000, |x, y| image_pixel(x, y));
+    let img = caev2_views::RgbImage::from_fn(6000, 4000, image_pixel);
     img.save(big.join("huge.png")).expect("save");
-    run_ok(&["extract", "--teacher", s(&tiny_vit()), "--data", s(&big), "--out", s(&tmp.path().join("big-store")), "--views", "1", "--no-progress"]);
+    run_ok(&[
+        "extract",
+        "--teacher",
+        s(&tiny_vit()),
+        "--data",
+        s(&big),
+        "--out",
+        s(&tmp.path().join("big-store")),
+        "--views",
+        "1",
+        "--no-progress",
+    ]);
 }
 
 fn image_pixel(x: u32, y: u32) -> caev2_views::RgbPixel {
@@ -118,7 +171,20 @@ fn flipped_byte_in_a_shard_is_detected() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = mixed_dataset(tmp.path());
     let out = tmp.path().join("store");
-    run_ok(&["extract", "--teacher", s(&tiny_vit()), "--data", s(&data), "--out", s(&out), "--views", "2", "--images-per-shard", "2", "--no-progress"]);
+    run_ok(&[
+        "extract",
+        "--teacher",
+        s(&tiny_vit()),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--views",
+        "2",
+        "--images-per-shard",
+        "2",
+        "--no-progress",
+    ]);
     assert!(run_ok(&["inspect", "verify", s(&out)]).contains("0 problems"));
     let store = Store::open(&out).expect("open");
     let row = store.index().expect("index").into_iter().find(|r| r.shard == 1 && r.view == 1).expect("a row in shard 1");
@@ -134,7 +200,24 @@ fn flipped_byte_in_a_shard_is_detected() {
 }
 
 fn dinov2_args<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
-    vec!["extract", "--teacher", s_static(dinov2()), "--data", data, "--out", out, "--views", "2", "--images-per-shard", "1", "--batch", "2", "--threads", "1", "--no-progress"]
+    vec![
+        "extract",
+        "--teacher",
+        s_static(dinov2()),
+        "--data",
+        data,
+        "--out",
+        out,
+        "--views",
+        "2",
+        "--images-per-shard",
+        "1",
+        "--batch",
+        "2",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
 }
 
 fn s_static(p: PathBuf) -> &'static str {
@@ -167,7 +250,8 @@ fn killed_runs_resume_to_an_identical_store() {
     let (data, reference) = reference_store(tmp.path());
     let out = tmp.path().join("killed");
     for kill_after in [1, 3] {
-        let mut child = Command::new(caev2()).args(dinov2_args(s(&data), s(&out))).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
+        let mut child =
+            Command::new(caev2()).args(dinov2_args(s(&data), s(&out))).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
         assert!(wait_for_done(&out, kill_after, Duration::from_secs(120)), "no progress before kill");
         child.kill().expect("SIGKILL");
         child.wait().expect("reap");
@@ -187,7 +271,14 @@ fn concurrent_runs_and_worker_splits_build_the_same_store() {
     // two identical runs at once on one folder
     let both = tmp.path().join("both");
     let children: Vec<_> = (0..2)
-        .map(|_| Command::new(caev2()).args(dinov2_args(s(&data), s(&both))).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn"))
+        .map(|_| {
+            Command::new(caev2())
+                .args(dinov2_args(s(&data), s(&both)))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        })
         .collect();
     for c in children {
         let o = c.wait_with_output().expect("wait");
@@ -237,7 +328,20 @@ fn teacher_grid_larger_than_the_student_grid_is_recorded_and_resampled() {
     let at196 = tmp.path().join("s196");
     let at224 = tmp.path().join("s224");
     run_ok(&["extract", "--teacher", s(&dinov2()), "--data", s(&data), "--out", s(&at196), "--views", "2", "--no-progress"]);
-    run_ok(&["extract", "--teacher", s(&dinov2()), "--teacher-size", "224", "--data", s(&data), "--out", s(&at224), "--views", "2", "--no-progress"]);
+    run_ok(&[
+        "extract",
+        "--teacher",
+        s(&dinov2()),
+        "--teacher-size",
+        "224",
+        "--data",
+        s(&data),
+        "--out",
+        s(&at224),
+        "--views",
+        "2",
+        "--no-progress",
+    ]);
     let (a, b) = (Store::open(&at196).expect("open"), Store::open(&at224).expect("open"));
     assert_eq!((b.manifest().teacher.grid, b.manifest().teacher.tokens), ([16, 16], 257));
     assert_eq!(a.index().expect("index")[1].params, b.index().expect("index")[1].params, "views do not depend on the teacher size");

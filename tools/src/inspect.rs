@@ -80,18 +80,26 @@ pub fn format_summary(s: &Summary) -> String {
     line("targets", format!("{} tokens x {} dims, codec {}", t.tokens, t.dim, m.codec));
     line(
         "bytes",
-        format!("{:.1} MB shards + {:.2} MB index = {:.0} bytes per view", s.shard_bytes as f64 / 1e6, s.index_bytes as f64 / 1e6, s.bytes_per_view),
+        format!(
+            "{:.1} MB shards + {:.2} MB index = {:.0} bytes per view",
+            s.shard_bytes as f64 / 1e6,
+            s.index_bytes as f64 / 1e6,
+            s.bytes_per_view
+        ),
     );
     line("teacher", format!("{} (sha256 {}..)", t.name, &t.onnx_sha256[..t.onnx_sha256.len().min(16)]));
     line(
         "teacher input",
-        format!("{} px, patch {}, grid {}x{}, cls {}, mean {:?}, std {:?}", t.input_size, t.patch_size, t.grid[0], t.grid[1], t.has_cls, t.mean, t.std),
+        format!(
+            "{} px, patch {}, grid {}x{}, cls {}, mean {:?}, std {:?}",
+            t.input_size, t.patch_size, t.grid[0], t.grid[1], t.has_cls, t.mean, t.std
+        ),
     );
     let vs = &v.settings;
     line(
         "views",
         format!(
-            "seed {}, jitter b/c/s {}/{}/{}, flip p {}, crop scale {:?} ratio ({:.3}, {:.3}), student {} px, teacher {} px, {:?}, exif {}",
+            "seed {}, jitter b/c/s {}/{}/{}, flip p {}, crop scale {:?} ratio ({:.3}, {:.3}), student {} px, teacher {} px, {}, exif {}",
             v.seed,
             vs.brightness,
             vs.contrast,
@@ -102,7 +110,7 @@ pub fn format_summary(s: &Summary) -> String {
             vs.ratio.1,
             vs.student_size,
             vs.teacher_size,
-            vs.interpolation,
+            "pil-bicubic",
             if vs.apply_exif_orientation { "applied" } else { "ignored" }
         ),
     );
@@ -181,10 +189,11 @@ fn verify_shard(store: &Store, s: u32) -> (u64, Vec<Problem>) {
         if (e.offset, e.length, e.crc) != (row.offset, row.length, row.crc32c) {
             problems.push(p(Some(e.offset), format!("image {} view {}: index and shard table disagree", row.image_id, row.view)));
         }
-        if let Some(bytes) = reader.record(slot) {
-            if m.codec.decode(bytes, &mut values) && values.iter().any(|x| !x.is_finite()) {
-                problems.push(p(Some(e.offset), format!("image {} view {}: non-finite target values", row.image_id, row.view)));
-            }
+        if let Some(bytes) = reader.record(slot)
+            && m.codec.decode(bytes, &mut values)
+            && values.iter().any(|x| !x.is_finite())
+        {
+            problems.push(p(Some(e.offset), format!("image {} view {}: non-finite target values", row.image_id, row.view)));
         }
     }
     let skipped: HashSet<u64> = match store.report(s) {
@@ -204,7 +213,10 @@ fn verify_shard(store: &Store, s: u32) -> (u64, Vec<Problem>) {
                     problems.push(p(None, format!("image {img} is reported skipped but view {v} is stored")));
                 }
             } else if !seen.contains(&(img, v)) {
-                problems.push(p(None, format!("image {img} view {v} is missing from the index{}", if present { "" } else { " and the shard" })));
+                problems.push(p(
+                    None,
+                    format!("image {img} view {v} is missing from the index{}", if present { "" } else { " and the shard" }),
+                ));
             }
         }
     }
@@ -221,7 +233,10 @@ pub fn verify(root: &Path, progress: bool) -> Result<VerifyReport> {
     let store = Store::open_partial(root).with_context(|| format!("opening store {}", root.display()))?;
     let n = store.manifest().layout.num_shards;
     let bar = if progress { ProgressBar::new(u64::from(n)) } else { ProgressBar::hidden() };
-    bar.set_style(ProgressStyle::with_template("verify [{elapsed_precise}] {wide_bar} {pos}/{len} shards ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    bar.set_style(
+        ProgressStyle::with_template("verify [{elapsed_precise}] {wide_bar} {pos}/{len} shards ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     let results: Vec<(u64, Vec<Problem>)> = (0..n)
         .into_par_iter()
         .map(|s| {

@@ -23,7 +23,7 @@ enum Command {
     /// its tokens and the views' parameters in a shard store. Safe to kill and
     /// rerun with the same arguments (it resumes), and to run several times at
     /// once on one store (shards are claimed under file locks).
-    Extract(ExtractArgs),
+    Extract(Box<ExtractArgs>),
     /// Look at a store.
     #[command(subcommand)]
     Inspect(InspectCommand),
@@ -233,7 +233,7 @@ fn run_extract_cmd(a: ExtractArgs) -> Result<ExitCode> {
 fn main() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Extract(a) => run_extract_cmd(a),
+        Command::Extract(a) => run_extract_cmd(*a),
         Command::Inspect(InspectCommand::Summary { store, json }) => {
             let s = tools::inspect::summary(&store)?;
             if json {

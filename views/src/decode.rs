@@ -67,9 +67,7 @@ pub fn decode_image_bytes(bytes: &[u8], path: &Path, apply_exif_orientation: boo
     if bytes.is_empty() {
         return Err(invalid("empty file".into()));
     }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| invalid(format!("cannot read: {e}")))?;
+    let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| invalid(format!("cannot read: {e}")))?;
     let format = match reader.format() {
         Some(f) => f,
         None => return Err(invalid("not a recognised image format".into())),

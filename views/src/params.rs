@@ -87,6 +87,7 @@ impl ViewParams {
 
     /// Rebuild from the index columns. Returns `None` when `order` is not a
     /// permutation of `b`, `c`, `s`.
+    #[allow(clippy::too_many_arguments)] // one argument per index column
     pub fn from_parts(
         image_width: u32,
         image_height: u32,
@@ -98,7 +99,8 @@ impl ViewParams {
         crop: CropBox,
     ) -> Option<Self> {
         let ops: Vec<ColorOp> = order.chars().map(ColorOp::from_code).collect::<Option<_>>()?;
-        if ops.len() != 3 || !ops.contains(&ColorOp::Brightness) || !ops.contains(&ColorOp::Contrast) || !ops.contains(&ColorOp::Saturation) {
+        if ops.len() != 3 || !ops.contains(&ColorOp::Brightness) || !ops.contains(&ColorOp::Contrast) || !ops.contains(&ColorOp::Saturation)
+        {
             return None;
         }
         let f = |op| match op {
@@ -106,13 +108,7 @@ impl ViewParams {
             ColorOp::Contrast => contrast,
             ColorOp::Saturation => saturation,
         };
-        Some(Self {
-            image_width,
-            image_height,
-            jitter: [(ops[0], f(ops[0])), (ops[1], f(ops[1])), (ops[2], f(ops[2]))],
-            flip,
-            crop,
-        })
+        Some(Self { image_width, image_height, jitter: [(ops[0], f(ops[0])), (ops[1], f(ops[1])), (ops[2], f(ops[2]))], flip, crop })
     }
 }
 

@@ -7,6 +7,7 @@ use crate::pil::{blend, contrast_mean, resize_bicubic, to_grayscale};
 /// One colour operation prepared for fast application: brightness and
 /// contrast are per-value maps (a 256-entry table of Pillow's blend);
 /// saturation blends with the pixel's own gray level.
+#[allow(clippy::large_enum_variant)] // a handful per view, on the stack
 enum PreparedOp {
     Table([u8; 256]),
     Saturation(f32),
@@ -51,11 +52,7 @@ impl PreparedOp {
 /// box lies outside the image; [`ViewParams`] from the sampler or a verified
 /// store always fit.
 pub fn render_crop(img: &RgbImage, params: &ViewParams) -> RgbImage {
-    assert_eq!(
-        (img.width(), img.height()),
-        (params.image_width, params.image_height),
-        "image size differs from the view's recorded size"
-    );
+    assert_eq!((img.width(), img.height()), (params.image_width, params.image_height), "image size differs from the view's recorded size");
     let c = params.crop;
     assert!(c.top + c.height <= img.height() && c.left + c.width <= img.width(), "crop box outside the image");
     let (w, cw) = (img.width() as usize, c.width as usize);

@@ -69,9 +69,8 @@ fn real_photos_match_pillow_bit_for_bit() {
 fn odd_sizes_match_pillow_bit_for_bit() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (w, h) in [(1, 1), (3, 700), (700, 3), (150, 113), (224, 224), (1031, 97)] {
-        let img = RgbImage::from_fn(w, h, |x, y| {
-            image::Rgb([((x * 31 + y * 7) % 256) as u8, ((x * x + y) % 251) as u8, ((y * 13) % 256) as u8])
-        });
+        let img =
+            RgbImage::from_fn(w, h, |x, y| image::Rgb([((x * 31 + y * 7) % 256) as u8, ((x * x + y) % 251) as u8, ((y * 13) % 256) as u8]));
         let path = dir.path().join(format!("synthetic_{w}x{h}.png"));
         img.save(&path).expect("save png");
         check_image(&path, &[224, 16], 3);

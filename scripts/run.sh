@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up everything (idempotent, offline after the first run) and run the
+# main job on the offline default: extract K views of the registry-shipped
+# ImageNet photos with the real DINOv2-style ViT-S/14 teacher, then show and
+# verify what the store holds.
+#
+#   scripts/run.sh [OUT_DIR]      (default: runs/demo; rerunning resumes)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${1:-runs/demo}"
+scripts/setup.sh
+source .deps/env.sh
+cargo build --release -p tools --bin caev2
+CAEV2=target/release/caev2
+
+echo "== extract: 20 ImageNet photos x 4 views, DINOv2-style ViT-S/14 teacher at 196 px (14x14 grid)"
+$CAEV2 extract --teacher .deps/models/dinov2-vits14.onnx \
+  --data "$CAEV2_SAMPLE_DATA/imagenet-mini" --out "$OUT/store" \
+  --views 4 --batch 16 --images-per-shard 8
+echo
+echo "== inspect summary"
+$CAEV2 inspect summary "$OUT/store"
+echo
+echo "== inspect verify"
+$CAEV2 inspect verify "$OUT/store"
