@@ -1,1 +1,25 @@
-//! placeholder
+//! The CAE v2 trainer: a ViT student trained in libtorch (`tch`) from a
+//! caev2 feature store, on CPU or CUDA.
+//!
+//! * [`model`]: encoder (timm `vit_*_patch16_224` names), projection,
+//!   cross-attention latent contextual regressor, shared LN -> Linear head.
+//! * [`masking`]: BEiT block-wise (exact count) and random masking.
+//! * [`loss`]: `l_v` / `l_z` with cosine, MSE or smooth-L1 distances, code
+//!   or paper weighting.
+//! * [`optim`]: AdamW with decay groups, gradient clipping, warmup + cosine.
+//! * [`loader`]: one stored view per image per epoch, rebuilt with
+//!   `caev2-views`, targets from the memory map, prefetched on a pool.
+//! * [`run_train`]: the loop, with checkpoints, exact resume, JSON-lines
+//!   metrics and an optional live teacher that computes the same targets.
+
+pub mod device;
+mod error;
+pub mod loader;
+pub mod loss;
+pub mod masking;
+pub mod model;
+pub mod optim;
+mod train;
+
+pub use error::{Result, TrainError};
+pub use train::{Metrics, RunOptions, TrainConfig, TrainSummary, latest_checkpoint, run_train};
