@@ -24,9 +24,107 @@ enum Command {
     /// rerun with the same arguments (it resumes), and to run several times at
     /// once on one store (shards are claimed under file locks).
     Extract(Box<ExtractArgs>),
+    /// Train a CAE v2 student from a store (cached targets) and the images it
+    /// was extracted from. Kill it at any time and rerun with --resume.
+    Train(Box<TrainArgs>),
     /// Look at a store.
     #[command(subcommand)]
     Inspect(InspectCommand),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Target store made by `caev2 extract`.
+    #[arg(long)]
+    shards: PathBuf,
+    /// The image folder the store was extracted from.
+    #[arg(long)]
+    data: PathBuf,
+    /// Student size.
+    #[arg(long, default_value = "tiny", value_parser = ["tiny", "small", "base", "large"])]
+    model: String,
+    /// Run folder (config.json, metrics.jsonl, checkpoints/).
+    #[arg(long)]
+    out: PathBuf,
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Epochs (one stored view per image per epoch)...
+    #[arg(long, conflicts_with = "steps")]
+    epochs: Option<u64>,
+    /// ...or optimisation steps [default: 300 epochs].
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Peak learning rate [default: 1.5e-3 x batch / 2048, the paper's rate scaled linearly].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Final learning rate of the cosine schedule.
+    #[arg(long, default_value_t = 1e-5)]
+    min_lr: f64,
+    /// Warmup steps [default: 10/300 of the steps, as in the paper].
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    /// AdamW weight decay (not on biases, norms, tokens, layer-scale gammas).
+    #[arg(long, default_value_t = 0.05)]
+    weight_decay: f64,
+    /// AdamW beta2 (released scripts 0.999; the paper's table says 0.98).
+    #[arg(long, default_value_t = 0.999)]
+    beta2: f64,
+    /// Clip the global gradient norm to this value.
+    #[arg(long, default_value_t = 3.0)]
+    clip_grad: f64,
+    /// Distance of both losses.
+    #[arg(long, default_value = "cosine", value_parser = ["cosine", "mse", "smooth-l1"])]
+    loss: String,
+    /// How l_v and l_z are combined: released code (mean over all tokens) or paper Eq. 2 (sum of means).
+    #[arg(long, default_value = "code", value_parser = ["code", "paper"])]
+    weighting: String,
+    /// Turn off the visible latent alignment loss l_v.
+    #[arg(long)]
+    no_lv: bool,
+    /// Turn off the masked latent alignment loss l_z.
+    #[arg(long)]
+    no_lz: bool,
+    /// Fraction of patches masked [default: T/S/B/L 30/49/98/118 of 196].
+    #[arg(long, conflicts_with = "num_masked")]
+    mask_ratio: Option<f64>,
+    /// Number of patches masked.
+    #[arg(long)]
+    num_masked: Option<usize>,
+    /// Masking strategy.
+    #[arg(long, default_value = "block", value_parser = ["block", "random"])]
+    masking: String,
+    /// Regressor depth [default: T/S/B/L 1/1/4/4].
+    #[arg(long)]
+    regressor_depth: Option<i64>,
+    /// Maximum drop-path rate [default: 0.1, Large 0.2].
+    #[arg(long)]
+    drop_path: Option<f64>,
+    /// Seed of initialisation, view choice, order, masks and drop path.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// libtorch and loader threads [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Write a checkpoint every N steps (and at the end).
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: u64,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Compute targets with this ONNX teacher (the store's) inside the loop
+    /// instead of reading them: proves equivalence, measures what caching saves.
+    #[arg(long, value_name = "FILE.onnx")]
+    live_teacher: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -230,10 +328,104 @@ fn run_extract_cmd(a: ExtractArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn run_train_cmd(a: TrainArgs) -> Result<ExitCode> {
+    use trainer::loss::{LossConfig, LossKind, Weighting};
+    use trainer::masking::Masking;
+    use trainer::model::{ModelConfig, Preset};
+    let store = shard_store::Store::open(&a.shards).with_context(|| format!("opening store {}", a.shards.display()))?;
+    let m = store.manifest();
+    let preset = Preset::parse(&a.model).with_context(|| format!("--model {}", a.model))?;
+    let mut model = ModelConfig::preset(preset, i64::from(m.teacher.dim));
+    if let Some(d) = a.regressor_depth {
+        model.regressor_depth = d;
+    }
+    if let Some(d) = a.drop_path {
+        model.drop_path = d;
+    }
+    let patches = model.num_patches() as usize;
+    let num_masked = match (a.num_masked, a.mask_ratio) {
+        (Some(n), _) => n,
+        (None, Some(r)) => (r * patches as f64).round() as usize,
+        (None, None) => model.default_masked() as usize,
+    };
+    let images = store.index()?.iter().map(|r| r.image_id).collect::<std::collections::BTreeSet<_>>().len() as u64;
+    let steps_per_epoch = (images / a.batch.max(1) as u64).max(1);
+    let steps = a.steps.unwrap_or(a.epochs.unwrap_or(300) * steps_per_epoch);
+    drop(store);
+    let cfg = trainer::TrainConfig {
+        store: a.shards.clone(),
+        data: a.data.clone(),
+        model,
+        loss: LossConfig {
+            kind: match a.loss.as_str() {
+                "mse" => LossKind::Mse,
+                "smooth-l1" => LossKind::SmoothL1,
+                _ => LossKind::Cosine,
+            },
+            weighting: if a.weighting == "paper" { Weighting::Paper } else { Weighting::Code },
+            visible: !a.no_lv,
+            masked: !a.no_lz,
+        },
+        masking: if a.masking == "random" { Masking::Random } else { Masking::Block },
+        num_masked,
+        batch: a.batch,
+        steps,
+        lr: a.lr.unwrap_or(1.5e-3 * a.batch as f64 / 2048.0),
+        min_lr: a.min_lr,
+        warmup_steps: a.warmup_steps.unwrap_or((steps as f64 * 10.0 / 300.0).round() as u64),
+        adamw: trainer::optim::AdamWConfig { beta1: 0.9, beta2: a.beta2, eps: 1e-8, weight_decay: a.weight_decay },
+        clip_grad: a.clip_grad,
+        seed: a.seed,
+        live_teacher: a.live_teacher.clone(),
+    };
+    let opts = trainer::RunOptions {
+        out: a.out.clone(),
+        device: a.device.clone(),
+        threads: a.threads.unwrap_or_else(cores),
+        checkpoint_every: a.checkpoint_every,
+        resume: a.resume,
+        progress: !a.no_progress && std::io::stderr().is_terminal(),
+    };
+    let s = trainer::run_train(&cfg, &opts).with_context(|| format!("training into {}", a.out.display()))?;
+    let last = s.metrics.last();
+    let secs = s.elapsed.as_secs_f64();
+    let imgs = (s.steps - s.start_step) as f64 * a.batch as f64;
+    if a.json {
+        let j = serde_json::json!({
+            "out": a.out, "device": s.device, "start_step": s.start_step, "steps": s.steps,
+            "seconds": secs, "images_per_second": imgs / secs.max(1e-9),
+            "first": s.metrics.first(), "last": last, "checkpoint": s.checkpoint,
+        });
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        println!("{}", s.device);
+        if let (Some(f), Some(l)) = (s.metrics.first(), last) {
+            println!(
+                "train: steps {}..{} in {:.1} s ({:.1} images/s); loss {:.4} -> {:.4} (l_v {:.4}, l_z {:.4})",
+                s.start_step,
+                s.steps,
+                secs,
+                imgs / secs.max(1e-9),
+                f.loss,
+                l.loss,
+                l.loss_v,
+                l.loss_z
+            );
+        } else {
+            println!("train: nothing to do, the run already has {} steps", s.steps);
+        }
+        if let Some(c) = &s.checkpoint {
+            println!("checkpoint: {}", c.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Extract(a) => run_extract_cmd(*a),
+        Command::Train(a) => run_train_cmd(*a),
         Command::Inspect(InspectCommand::Summary { store, json }) => {
             let s = tools::inspect::summary(&store)?;
             if json {
