@@ -118,6 +118,25 @@ fn killed_training_resumes_to_the_same_losses() {
     }
 }
 
+/// A /14 teacher at 224 px gives 16x16 tokens; the loader maps them to the
+/// ViT's 14x14 grid (FORMAT.md, "Token grids") and training proceeds.
+#[test]
+fn a_teacher_grid_other_than_the_students_is_mapped() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    make_dataset(&data, &imagenet_photos(4).iter().map(|(c, p)| (c.as_str(), p.clone())).collect::<Vec<_>>());
+    let store = tmp.path().join("s224");
+    run_ok(&["extract", "--teacher", s(&dinov2()), "--teacher-size", "224", "--data", s(&data), "--out", s(&store), "--views", "1", "--no-progress"]);
+    let run_dir = tmp.path().join("run");
+    let out = run_ok(&[
+        "train", "--shards", s(&store), "--data", s(&data), "--out", s(&run_dir), "--batch", "2", "--steps", "4", "--lr", "5e-4",
+        "--warmup-steps", "1", "--device", "cpu", "--no-progress",
+    ]);
+    let l = losses(&run_dir);
+    assert_eq!(l.len(), 4, "{out}");
+    assert!(l.iter().all(|x| x.1.is_finite() && x.1 > 0.0 && x.1 < 1.5), "{l:?}");
+}
+
 #[test]
 fn unusable_stores_and_settings_are_refused_with_a_reason() {
     let tmp = tempfile::tempdir().expect("tmp");
