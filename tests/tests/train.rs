@@ -32,7 +32,12 @@ fn losses(run: &Path) -> Vec<(u64, f64, f64, f64)> {
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).expect("json line");
-            (v["step"].as_u64().expect("step"), v["loss"].as_f64().expect("loss"), v["loss_v"].as_f64().expect("v"), v["loss_z"].as_f64().expect("z"))
+            (
+                v["step"].as_u64().expect("step"),
+                v["loss"].as_f64().expect("loss"),
+                v["loss_v"].as_f64().expect("v"),
+                v["loss_z"].as_f64().expect("z"),
+            )
         })
         .collect()
 }
@@ -40,8 +45,28 @@ fn losses(run: &Path) -> Vec<(u64, f64, f64, f64)> {
 fn train_args<'a>(out: &'a str, steps: &'a str) -> Vec<&'a str> {
     let (data, store) = store();
     vec![
-        "train", "--shards", s_static(store), "--data", s_static(data), "--out", out, "--model", "tiny", "--batch", "4", "--steps", steps,
-        "--lr", "5e-4", "--warmup-steps", "5", "--threads", "2", "--device", "cpu", "--no-progress",
+        "train",
+        "--shards",
+        s_static(store),
+        "--data",
+        s_static(data),
+        "--out",
+        out,
+        "--model",
+        "tiny",
+        "--batch",
+        "4",
+        "--steps",
+        steps,
+        "--lr",
+        "5e-4",
+        "--warmup-steps",
+        "5",
+        "--threads",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
     ]
 }
 
@@ -126,11 +151,40 @@ fn a_teacher_grid_other_than_the_students_is_mapped() {
     let data = tmp.path().join("data");
     make_dataset(&data, &imagenet_photos(4).iter().map(|(c, p)| (c.as_str(), p.clone())).collect::<Vec<_>>());
     let store = tmp.path().join("s224");
-    run_ok(&["extract", "--teacher", s(&dinov2()), "--teacher-size", "224", "--data", s(&data), "--out", s(&store), "--views", "1", "--no-progress"]);
+    run_ok(&[
+        "extract",
+        "--teacher",
+        s(&dinov2()),
+        "--teacher-size",
+        "224",
+        "--data",
+        s(&data),
+        "--out",
+        s(&store),
+        "--views",
+        "1",
+        "--no-progress",
+    ]);
     let run_dir = tmp.path().join("run");
     let out = run_ok(&[
-        "train", "--shards", s(&store), "--data", s(&data), "--out", s(&run_dir), "--batch", "2", "--steps", "4", "--lr", "5e-4",
-        "--warmup-steps", "1", "--device", "cpu", "--no-progress",
+        "train",
+        "--shards",
+        s(&store),
+        "--data",
+        s(&data),
+        "--out",
+        s(&run_dir),
+        "--batch",
+        "2",
+        "--steps",
+        "4",
+        "--lr",
+        "5e-4",
+        "--warmup-steps",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
     ]);
     let l = losses(&run_dir);
     assert_eq!(l.len(), 4, "{out}");
@@ -142,7 +196,20 @@ fn unusable_stores_and_settings_are_refused_with_a_reason() {
     let tmp = tempfile::tempdir().expect("tmp");
     let (data, _) = store();
     let other = tmp.path().join("s160");
-    run_ok(&["extract", "--teacher", s(&tiny_vit()), "--data", s(data), "--out", s(&other), "--views", "1", "--student-size", "160", "--no-progress"]);
+    run_ok(&[
+        "extract",
+        "--teacher",
+        s(&tiny_vit()),
+        "--data",
+        s(data),
+        "--out",
+        s(&other),
+        "--views",
+        "1",
+        "--student-size",
+        "160",
+        "--no-progress",
+    ]);
     let fail = |args: &[&str]| {
         let o = run(args);
         assert!(!o.status.success(), "{args:?} should fail");

@@ -148,8 +148,11 @@ fn main() {
     }
     let spec_path = tmp.path().join("loader.json");
     let tpath = tmp.path().join("targets.f16");
-    std::fs::write(&spec_path, serde_json::json!({"tokens": m.teacher.tokens, "dim": m.teacher.dim, "size": 224, "samples": spec}).to_string())
-        .expect("write");
+    std::fs::write(
+        &spec_path,
+        serde_json::json!({"tokens": m.teacher.tokens, "dim": m.teacher.dim, "size": 224, "samples": spec}).to_string(),
+    )
+    .expect("write");
     std::fs::write(&tpath, &targets).expect("write");
     let py = std::env::var_os("CAEV2_PYTHON").map(PathBuf::from).unwrap_or_else(|| deps_dir().join("py/bin/python"));
     let out = Command::new(py)
@@ -170,7 +173,10 @@ fn main() {
         step_secs[1],
         step_secs[1] / step_secs[0]
     );
-    println!("| loader, one core (decode + view rebuild + targets) | {rust_sps:.1} samples/s | {py_sps:.1} samples/s (PIL + memmap) | {:.2}x |", rust_sps / py_sps);
+    println!(
+        "| loader, one core (decode + view rebuild + targets) | {rust_sps:.1} samples/s | {py_sps:.1} samples/s (PIL + memmap) | {:.2}x |",
+        rust_sps / py_sps
+    );
     println!("\nteacher: {} ({} tokens x {}, {} px)", m.teacher.name, m.teacher.tokens, m.teacher.dim, m.teacher.input_size);
     let dir = ws.join("target/bench");
     std::fs::create_dir_all(&dir).expect("mkdir");

@@ -33,9 +33,13 @@ pub fn choose(name: &str) -> Result<(Device, String), String> {
         "cpu" => Ok((Device::Cpu, "training on the CPU (--device cpu)".into())),
         n if n.starts_with("cuda") => {
             if !available {
-                return Err(format!("--device {n}: CUDA is not available (libtorch_cuda.so {})", if loaded { "loaded, but no GPU" } else { "not loadable" }));
+                return Err(format!(
+                    "--device {n}: CUDA is not available (libtorch_cuda.so {})",
+                    if loaded { "loaded, but no GPU" } else { "not loadable" }
+                ));
             }
-            let idx = n.strip_prefix("cuda:").map(|i| i.parse::<usize>().map_err(|e| format!("--device {n}: {e}"))).transpose()?.unwrap_or(0);
+            let idx =
+                n.strip_prefix("cuda:").map(|i| i.parse::<usize>().map_err(|e| format!("--device {n}: {e}"))).transpose()?.unwrap_or(0);
             Ok((Device::Cuda(idx), format!("training on CUDA device {idx}")))
         }
         other => Err(format!("--device {other}: expected auto, cpu, cuda or cuda:N")),

@@ -21,7 +21,7 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 /// ImageNet std.
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
-const TAG_ORDER: u64 = 0x6f72_6465_72;
+const TAG_ORDER: u64 = 0x006f_7264_6572;
 const TAG_VIEW: u64 = 0x7669_6577;
 const TAG_MASK: u64 = 0x6d61_736b;
 
@@ -64,6 +64,9 @@ pub struct Batch {
     /// `(image id, view)` of each sample.
     pub samples: Vec<(u64, u32)>,
 }
+
+/// Targets, teacher input and mask of one sample.
+type SampleParts = (Vec<f32>, Vec<f32>, Vec<bool>);
 
 /// The stored views of one image.
 #[derive(Debug, Clone)]
@@ -159,7 +162,11 @@ impl DataSource {
         std::thread::Builder::new()
             .name("caev2-loader".into())
             .spawn(move || {
-                let pool = match rayon::ThreadPoolBuilder::new().num_threads(cfg.threads.max(1)).thread_name(|i| format!("caev2-load-{i}")).build() {
+                let pool = match rayon::ThreadPoolBuilder::new()
+                    .num_threads(cfg.threads.max(1))
+                    .thread_name(|i| format!("caev2-load-{i}"))
+                    .build()
+                {
                     Ok(p) => p,
                     Err(e) => {
                         let _ = tx.send(Err(TrainError::Config(format!("cannot start loader threads: {e}"))));
@@ -202,7 +209,7 @@ impl DataSource {
         let mut images = vec![0f32; bsz * per_img];
         // Student inputs are written in place; targets, teacher inputs and
         // masks come back per sample.
-        let parts: Vec<Result<(Vec<f32>, Vec<f32>, Vec<bool>)>> = images
+        let parts: Vec<Result<SampleParts>> = images
             .par_chunks_mut(per_img)
             .zip(picks.par_iter())
             .map(|(img_buf, &(i, v))| {
@@ -229,12 +236,12 @@ impl DataSource {
                     teacher_in = vec![0f32; per_teacher];
                     normalize_chw(&resize_bicubic(&crop, st as u32, st as u32), m.teacher.mean, m.teacher.std, &mut teacher_in);
                 } else {
-                    let t = self
-                        .store
-                        .targets(iv.image_id, *view)?
-                        .ok_or_else(|| TrainError::Data(format!("image {} view {view}: listed in the index but not stored", iv.image_id)))?;
+                    let t = self.store.targets(iv.image_id, *view)?.ok_or_else(|| {
+                        TrainError::Data(format!("image {} view {view}: listed in the index but not stored", iv.image_id))
+                    })?;
                     let values = t.to_vec();
-                    target = if from == (cfg.grid, cfg.grid) { values } else { resample_grid(&values, dim, true, from, (cfg.grid, cfg.grid)) };
+                    target =
+                        if from == (cfg.grid, cfg.grid) { values } else { resample_grid(&values, dim, true, from, (cfg.grid, cfg.grid)) };
                 }
                 let mask = masks.generate(&mut SplitMix64::keyed(cfg.seed, &[TAG_MASK, epoch, iv.image_id]));
                 Ok((target, teacher_in, mask))

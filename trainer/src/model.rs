@@ -351,9 +351,19 @@ impl Cae2 {
         let blocks = (0..cfg.depth)
             .map(|i| Block::new(root / "blocks" / i, d, cfg.heads, cfg.mlp_ratio, cfg.layer_scale_init, dpr[i as usize]))
             .collect();
-        let enc_to_reg = (dr != d).then(|| (Linear::new(root / "enc_to_reg" / "proj", d, dr, true), layer_norm(root / "enc_to_reg" / "norm", dr)));
+        let enc_to_reg =
+            (dr != d).then(|| (Linear::new(root / "enc_to_reg" / "proj", d, dr, true), layer_norm(root / "enc_to_reg" / "norm", dr)));
         let regressor = (0..cfg.regressor_depth)
-            .map(|i| CrossBlock::new(root / "regressor" / "blocks" / i, dr, cfg.regressor_heads, cfg.mlp_ratio, cfg.layer_scale_init, cfg.drop_path))
+            .map(|i| {
+                CrossBlock::new(
+                    root / "regressor" / "blocks" / i,
+                    dr,
+                    cfg.regressor_heads,
+                    cfg.mlp_ratio,
+                    cfg.layer_scale_init,
+                    cfg.drop_path,
+                )
+            })
             .collect();
         Self {
             cfg: cfg.clone(),
@@ -416,7 +426,8 @@ impl Cae2 {
         let nm = masked.size()[1];
         let pos = self.reg_pos.expand([b, -1, -1], false);
         let patch_pos = pos.narrow(1, 1, self.cfg.num_patches());
-        let pos_vis = Tensor::cat(&[pos.narrow(1, 0, 1), patch_pos.gather(1, &visible.unsqueeze(-1).expand([-1, -1, dr], false), false)], 1);
+        let pos_vis =
+            Tensor::cat(&[pos.narrow(1, 0, 1), patch_pos.gather(1, &visible.unsqueeze(-1).expand([-1, -1, dr], false), false)], 1);
         let pos_masked = patch_pos.gather(1, &masked.unsqueeze(-1).expand([-1, -1, dr], false), false);
         let pos_kv = Tensor::cat(&[&pos_vis, &pos_masked], 1);
         let mut q = self.mask_token.expand([b, nm, dr], false).contiguous();
@@ -484,6 +495,31 @@ mod tests {
         }
         assert_eq!(vars["blocks.0.attn.qkv.weight"].size(), [576, 192]);
         assert!(!vars.contains_key("regressor.blocks.0.cross_attn.k.bias"), "no k bias");
+    }
+
+    #[test]
+    fn weight_decay_groups() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let _m = Cae2::new(&vs.root(), &ModelConfig::preset(Preset::Tiny, 512));
+        let vars = vs.variables();
+        let decay = |n: &str| decays(n, &vars[n]);
+        for n in
+            ["blocks.0.attn.qkv.weight", "blocks.3.mlp.fc1.weight", "patch_embed.proj.weight", "head.proj.weight", "enc_to_reg.proj.weight"]
+        {
+            assert!(decay(n), "{n} should decay");
+        }
+        for n in [
+            "blocks.0.attn.qkv.bias",
+            "blocks.0.ls1.gamma",
+            "norm.weight",
+            "norm.bias",
+            "cls_token",
+            "regressor.mask_token",
+            "head.norm.weight",
+        ] {
+            assert!(!decay(n), "{n} should not decay");
+        }
+        assert!(vars.keys().all(|n| !n.contains("pos_embed")), "position embeddings are fixed, not parameters");
     }
 
     #[test]

@@ -192,7 +192,11 @@ mod tests {
     #[test]
     fn clipping_scales_to_the_max_norm() {
         let w = Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
-        let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }, [("w".to_string(), w.shallow_clone())], |_, _| false);
+        let mut opt = AdamW::new(
+            AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+            [("w".to_string(), w.shallow_clone())],
+            |_, _| false,
+        );
         (&w * Tensor::from_slice(&[3.0f32, 4.0])).sum(Kind::Float).backward();
         let before = opt.clip_grad_norm(1.0);
         assert!((before - 5.0).abs() < 1e-5);

@@ -210,7 +210,10 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             )));
         }
     } else if cfg_path.exists() {
-        return Err(TrainError::Config(format!("{} already holds a run: pass --resume to continue it, or another --out", opts.out.display())));
+        return Err(TrainError::Config(format!(
+            "{} already holds a run: pass --resume to continue it, or another --out",
+            opts.out.display()
+        )));
     } else {
         write_atomic(&cfg_path, &cfg_json)?;
     }
@@ -223,8 +226,9 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     if opts.resume {
         let ck = latest_checkpoint(&opts.out)?;
         vs.load(ck.join("model.safetensors")).map_err(|e| TrainError::Checkpoint { path: ck.clone(), what: e.to_string() })?;
-        let state: CheckpointState = serde_json::from_slice(&std::fs::read(ck.join("state.json")).map_err(TrainError::io(&ck, "read state"))?)
-            .map_err(|e| TrainError::Checkpoint { path: ck.clone(), what: e.to_string() })?;
+        let state: CheckpointState =
+            serde_json::from_slice(&std::fs::read(ck.join("state.json")).map_err(TrainError::io(&ck, "read state"))?)
+                .map_err(|e| TrainError::Checkpoint { path: ck.clone(), what: e.to_string() })?;
         let t = tensors_of(&ck.join("optimizer.safetensors"))?.into_iter().map(|(k, v)| (k, v.to_device(device))).collect();
         opt.load_state(&t, state.step as i64).map_err(|what| TrainError::Checkpoint { path: ck.clone(), what })?;
         start = state.step;
@@ -295,7 +299,14 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let nm = cfg.num_masked as i64;
     let (tokens, dim) = (1 + np, i64::from(m.teacher.dim));
     let from = (m.teacher.grid[0] as usize, m.teacher.grid[1] as usize);
-    let mut summary = TrainSummary { start_step: start, steps: start, metrics: Vec::new(), elapsed: Duration::ZERO, device: device_line, checkpoint: None };
+    let mut summary = TrainSummary {
+        start_step: start,
+        steps: start,
+        metrics: Vec::new(),
+        elapsed: Duration::ZERO,
+        device: device_line,
+        checkpoint: None,
+    };
     let mut last = Instant::now();
     for step in start..cfg.steps {
         let batch = rx.recv().map_err(|_| TrainError::Data("the loader stopped unexpectedly".into()))??;
@@ -322,7 +333,8 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         opt.zero_grad();
         let out = model.forward(&images, &visible, &masked, true);
         let patches = targets.narrow(1, 1, np);
-        let target_v = Tensor::cat(&[targets.narrow(1, 0, 1), patches.gather(1, &visible.unsqueeze(-1).expand([-1, -1, dim], false), false)], 1);
+        let target_v =
+            Tensor::cat(&[targets.narrow(1, 0, 1), patches.gather(1, &visible.unsqueeze(-1).expand([-1, -1, dim], false), false)], 1);
         let target_z = patches.gather(1, &masked.unsqueeze(-1).expand([-1, -1, dim], false), false);
         let l = losses(&out.visible, &target_v, &out.masked, &target_z, &cfg.loss);
         l.total.backward();
