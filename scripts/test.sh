@@ -7,4 +7,12 @@ cd "$ROOT"
 scripts/setup.sh
 source .deps/env.sh
 cargo build --release --workspace --all-targets
-cargo test --release --workspace
+LOG="$(mktemp)"
+trap 'rm -f "$LOG"' EXIT
+status=0
+cargo test --release --workspace --lib --bins --tests 2>&1 | tee "$LOG" || status=$?
+passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$LOG" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed;' "$LOG" | awk '{s+=$1} END {print s+0}')
+echo
+echo "caev2: $passed passed, $failed failed"
+exit $status
