@@ -119,6 +119,9 @@ struct TrainArgs {
     /// instead of reading them: proves equivalence, measures what caching saves.
     #[arg(long, value_name = "FILE.onnx")]
     live_teacher: Option<PathBuf>,
+    /// On CUDA, train in fp32 instead of bfloat16 autocast.
+    #[arg(long)]
+    fp32: bool,
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
@@ -385,6 +388,7 @@ fn run_train_cmd(a: TrainArgs) -> Result<ExitCode> {
         checkpoint_every: a.checkpoint_every,
         resume: a.resume,
         progress: !a.no_progress && std::io::stderr().is_terminal(),
+        bf16: !a.fp32,
     };
     let s = trainer::run_train(&cfg, &opts).with_context(|| format!("training into {}", a.out.display()))?;
     let last = s.metrics.last();

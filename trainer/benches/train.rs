@@ -111,6 +111,7 @@ fn main() {
             checkpoint_every: u64::MAX,
             resume: false,
             progress: false,
+            bf16: true,
         };
         let s = run_train(&cfg(live), &opts).expect("train");
         // skip the first step (allocations, caches)

@@ -45,3 +45,15 @@ pub fn choose(name: &str) -> Result<(Device, String), String> {
         other => Err(format!("--device {other}: expected auto, cpu, cuda or cuda:N")),
     }
 }
+
+unsafe extern "C" {
+    fn caev2_set_cuda_autocast_bf16() -> std::os::raw::c_int;
+}
+
+/// Make CUDA autocast use bfloat16 (the paper's mixed precision) instead of
+/// tch's float16 default. Returns whether it took effect.
+pub fn use_bf16_autocast() -> bool {
+    // SAFETY: the shim only calls at::autocast::set_autocast_dtype and
+    // catches every C++ exception.
+    unsafe { caev2_set_cuda_autocast_bf16() == 0 }
+}

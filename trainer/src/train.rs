@@ -68,6 +68,8 @@ pub struct RunOptions {
     pub resume: bool,
     /// Show a progress bar.
     pub progress: bool,
+    /// Mixed precision (bfloat16 autocast) on CUDA.
+    pub bf16: bool,
 }
 
 /// One line of `metrics.jsonl`.
@@ -178,7 +180,17 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     if !cfg.loss.visible && !cfg.loss.masked {
         return Err(TrainError::Config("both losses are off: keep l_v or l_z".into()));
     }
-    let (device, device_line) = crate::device::choose(&opts.device).map_err(TrainError::Config)?;
+    let (device, mut device_line) = crate::device::choose(&opts.device).map_err(TrainError::Config)?;
+    let autocast = device.is_cuda() && opts.bf16;
+    if autocast {
+        if crate::device::use_bf16_autocast() {
+            device_line.push_str(", bf16 autocast");
+        } else {
+            return Err(TrainError::Config("cannot switch CUDA autocast to bfloat16".into()));
+        }
+    } else if device.is_cuda() {
+        device_line.push_str(", fp32");
+    }
     tch::set_num_threads(opts.threads.max(1) as i32);
     let grid = cfg.model.grid() as usize;
     let source = Arc::new(DataSource::open(&cfg.store, &cfg.data, cfg.model.image_size as u32)?);
@@ -331,7 +343,8 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
 
         tch::manual_seed((cfg.seed as i64).wrapping_add(step as i64 + 1));
         opt.zero_grad();
-        let out = model.forward(&images, &visible, &masked, true);
+        let out = tch::autocast(autocast, || model.forward(&images, &visible, &masked, true));
+        let out = crate::model::Output { visible: out.visible.to_kind(Kind::Float), masked: out.masked.to_kind(Kind::Float) };
         let patches = targets.narrow(1, 1, np);
         let target_v =
             Tensor::cat(&[targets.narrow(1, 0, 1), patches.gather(1, &visible.unsqueeze(-1).expand([-1, -1, dim], false), false)], 1);
