@@ -252,3 +252,283 @@ pub fn verify(root: &Path, progress: bool) -> Result<VerifyReport> {
         problems: results.into_iter().flat_map(|r| r.1).collect(),
     })
 }
+
+/// Statistics of one view's targets.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetStats {
+    /// View number.
+    pub view: u32,
+    /// The view's parameters.
+    pub params: caev2_views::ViewParams,
+    /// Mean / min / max L2 norm of the tokens.
+    pub norm_mean: f64,
+    /// Smallest token norm.
+    pub norm_min: f64,
+    /// Largest token norm.
+    pub norm_max: f64,
+    /// Mean cosine between horizontally and vertically neighbouring patches.
+    pub neighbour_cosine: f64,
+    /// Mean cosine between the CLS token and the patches (if CLS).
+    pub cls_patch_cosine: Option<f64>,
+}
+
+/// `inspect show` output.
+#[derive(Debug, Serialize)]
+pub struct Show {
+    /// Image id.
+    pub image_id: u64,
+    /// Path relative to the dataset root.
+    pub path: String,
+    /// Class name, if labelled.
+    pub class: Option<String>,
+    /// Stats per shown view.
+    pub views: Vec<TargetStats>,
+}
+
+fn cos(a: &[f32], b: &[f32]) -> f64 {
+    let (mut d, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        d += f64::from(*x) * f64::from(*y);
+        na += f64::from(*x).powi(2);
+        nb += f64::from(*y).powi(2);
+    }
+    d / (na.sqrt() * nb.sqrt()).max(1e-30)
+}
+
+/// Find an image by id or by its relative path.
+///
+/// # Errors
+/// When no stored view matches.
+pub fn find_image(rows: &[shard_store::IndexRow], image: &str) -> Result<u64> {
+    if let Ok(id) = image.parse::<u64>() {
+        if rows.iter().any(|r| r.image_id == id) {
+            return Ok(id);
+        }
+    }
+    rows.iter()
+        .find(|r| r.path == image || r.path.ends_with(&format!("/{image}")))
+        .map(|r| r.image_id)
+        .ok_or_else(|| anyhow::anyhow!("no stored image {image:?} (give an image id or a path relative to the dataset root)"))
+}
+
+/// Statistics of the targets of `image` (all views, or one).
+///
+/// # Errors
+/// Unknown image or store errors.
+pub fn show(root: &Path, image: &str, view: Option<u32>) -> Result<Show> {
+    let store = Store::open_partial(root).with_context(|| format!("opening store {}", root.display()))?;
+    let rows = store.index()?;
+    let id = find_image(&rows, image)?;
+    let m = store.manifest();
+    let (d, cls) = (m.teacher.dim as usize, m.teacher.has_cls);
+    let [gh, gw] = m.teacher.grid.map(|g| g as usize);
+    let mut views = Vec::new();
+    let mut path = String::new();
+    let mut class = None;
+    for r in rows.iter().filter(|r| r.image_id == id && view.is_none_or(|v| v == r.view)) {
+        path = r.path.clone();
+        class = r.label.and_then(|l| m.dataset.classes.get(l as usize).cloned());
+        let t = store.targets(id, r.view)?.context("index row without targets")?.to_vec();
+        let toks: Vec<&[f32]> = t.chunks(d).collect();
+        let norms: Vec<f64> = toks.iter().map(|x| x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt()).collect();
+        let patches = &toks[usize::from(cls)..];
+        let mut nc = Vec::new();
+        for y in 0..gh {
+            for x in 0..gw {
+                if x + 1 < gw {
+                    nc.push(cos(patches[y * gw + x], patches[y * gw + x + 1]));
+                }
+                if y + 1 < gh {
+                    nc.push(cos(patches[y * gw + x], patches[(y + 1) * gw + x]));
+                }
+            }
+        }
+        views.push(TargetStats {
+            view: r.view,
+            params: r.params.clone(),
+            norm_mean: norms.iter().sum::<f64>() / norms.len() as f64,
+            norm_min: norms.iter().copied().fold(f64::MAX, f64::min),
+            norm_max: norms.iter().copied().fold(0.0, f64::max),
+            neighbour_cosine: nc.iter().sum::<f64>() / nc.len().max(1) as f64,
+            cls_patch_cosine: cls.then(|| patches.iter().map(|p| cos(toks[0], p)).sum::<f64>() / patches.len() as f64),
+        });
+    }
+    if views.is_empty() {
+        anyhow::bail!("image {id} has no stored view {}", view.map(|v| v.to_string()).unwrap_or_default());
+    }
+    Ok(Show { image_id: id, path, class, views })
+}
+
+/// Human-readable rendering of a [`Show`].
+pub fn format_show(s: &Show) -> String {
+    let mut out = format!("image {} {} {}\n", s.image_id, s.path, s.class.as_deref().map(|c| format!("(class {c})")).unwrap_or_default());
+    for v in &s.views {
+        let p = &v.params;
+        out.push_str(&format!(
+            "view {}: jitter {} b={:.3} c={:.3} s={:.3}, flip {}, crop top {} left {} {}x{} of {}x{}\n  token norm mean {:.3} [{:.3}, {:.3}], neighbour cosine {:.3}, CLS-patch cosine {}\n",
+            v.view,
+            p.jitter_order(),
+            p.factor(caev2_views::ColorOp::Brightness),
+            p.factor(caev2_views::ColorOp::Contrast),
+            p.factor(caev2_views::ColorOp::Saturation),
+            p.flip,
+            p.crop.top,
+            p.crop.left,
+            p.crop.width,
+            p.crop.height,
+            p.image_width,
+            p.image_height,
+            v.norm_mean,
+            v.norm_min,
+            v.norm_max,
+            v.neighbour_cosine,
+            v.cls_patch_cosine.map(|c| format!("{c:.3}")).unwrap_or_else(|| "-".into())
+        ));
+    }
+    out
+}
+
+/// `inspect compare` output.
+#[derive(Debug, Serialize)]
+pub struct Comparison {
+    /// Views compared.
+    pub views: u64,
+    /// Mean cosine per token between the stores.
+    pub mean_cosine: f64,
+    /// Smallest cosine of any token.
+    pub min_cosine: f64,
+    /// Largest absolute difference of any value, after L2-normalising each token.
+    pub max_abs_error: f64,
+    /// Bytes per view of store A (shards + index).
+    pub bytes_per_view_a: f64,
+    /// Bytes per view of store B.
+    pub bytes_per_view_b: f64,
+}
+
+/// Compare two stores of the same images and views (e.g. two codecs).
+///
+/// # Errors
+/// Stores of different datasets, views or teachers.
+pub fn compare(a: &Path, b: &Path) -> Result<Comparison> {
+    let (sa, sb) = (Store::open(a)?, Store::open(b)?);
+    let (ma, mb) = (sa.manifest(), sb.manifest());
+    for (what, x, y) in [
+        ("dataset", &ma.dataset.file_list_sha256, &mb.dataset.file_list_sha256),
+        ("teacher", &ma.teacher.onnx_sha256, &mb.teacher.onnx_sha256),
+    ] {
+        if x != y {
+            anyhow::bail!("the stores have different {what}s ({x} vs {y})");
+        }
+    }
+    if (ma.views.seed, ma.views.views_per_image, &ma.views.settings) != (mb.views.seed, mb.views.views_per_image, &mb.views.settings) {
+        anyhow::bail!("the stores' views differ (seed, K or settings)");
+    }
+    let d = ma.teacher.dim as usize;
+    let (mut n, mut sum, mut min, mut max_err, mut views) = (0u64, 0f64, f64::MAX, 0f64, 0u64);
+    for row in sa.index()? {
+        let (Some(x), Some(y)) = (sa.targets(row.image_id, row.view)?, sb.targets(row.image_id, row.view)?) else { continue };
+        let (x, y) = (x.to_vec(), y.to_vec());
+        views += 1;
+        for (p, q) in x.chunks(d).zip(y.chunks(d)) {
+            let c = cos(p, q);
+            sum += c;
+            min = min.min(c);
+            n += 1;
+            let (np, nq) = (p.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12), q.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12));
+            for (u, v) in p.iter().zip(q) {
+                max_err = max_err.max(f64::from((u / np - v / nq).abs()));
+            }
+        }
+    }
+    let bpv = |root: &Path| -> Result<f64> { Ok(summary(root)?.bytes_per_view) };
+    Ok(Comparison { views, mean_cosine: sum / n.max(1) as f64, min_cosine: min, max_abs_error: max_err, bytes_per_view_a: bpv(a)?, bytes_per_view_b: bpv(b)? })
+}
+
+/// Render the views of `image` as the teacher saw them, each next to a
+/// 3-component PCA colouring of its patch targets (components fitted on all
+/// shown views together), one row per view. Returns the sheet size.
+///
+/// # Errors
+/// Unknown image, unreadable image file, store errors.
+pub fn render(root: &Path, data: Option<&Path>, image: &str, view: Option<u32>, out: &Path) -> Result<(u32, u32)> {
+    let store = Store::open_partial(root).with_context(|| format!("opening store {}", root.display()))?;
+    let m = store.manifest().clone();
+    let rows = store.index()?;
+    let id = find_image(&rows, image)?;
+    let data = data.map(Path::to_path_buf).unwrap_or_else(|| std::path::PathBuf::from(&m.dataset.root));
+    let chosen: Vec<_> = rows.iter().filter(|r| r.image_id == id && view.is_none_or(|v| v == r.view)).collect();
+    anyhow::ensure!(!chosen.is_empty(), "image {id} has no such view");
+    let src = caev2_views::decode_image(&data.join(&chosen[0].path), m.views.settings.apply_exif_orientation)
+        .with_context(|| format!("decoding the original (pass --data if the dataset moved from {})", data.display()))?
+        .rgb;
+    let s = m.teacher.input_size;
+    let d = m.teacher.dim as usize;
+    let c = usize::from(m.teacher.has_cls);
+    let [gh, gw] = m.teacher.grid.map(|g| g as usize);
+    // patch tokens of all chosen views, L2-normalised
+    let mut x: Vec<Vec<f64>> = Vec::new();
+    for r in &chosen {
+        let t = store.targets(id, r.view)?.context("no targets")?.to_vec();
+        for p in t.chunks(d).skip(c) {
+            let n = p.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt().max(1e-12);
+            x.push(p.iter().map(|v| f64::from(*v) / n).collect());
+        }
+    }
+    let comps = pca3(&x, d);
+    let proj: Vec<[f64; 3]> = x.iter().map(|v| std::array::from_fn(|k| v.iter().zip(&comps[k]).map(|(a, b)| a * b).sum())).collect();
+    let (lo, hi): (Vec<f64>, Vec<f64>) = (0..3)
+        .map(|k| {
+            let mut col: Vec<f64> = proj.iter().map(|p| p[k]).collect();
+            col.sort_by(f64::total_cmp);
+            (col[col.len() / 100], col[col.len() - 1 - col.len() / 100])
+        })
+        .unzip();
+    let mut sheet = image::RgbImage::new(2 * s + 8, chosen.len() as u32 * (s + 8));
+    for (vi, r) in chosen.iter().enumerate() {
+        let y0 = vi as u32 * (s + 8);
+        let viewimg = caev2_views::render_view(&src, &r.params, s);
+        image::imageops::replace(&mut sheet, &viewimg, 0, i64::from(y0));
+        for py in 0..s {
+            for px in 0..s {
+                let (gy, gx) = (py as usize * gh / s as usize, px as usize * gw / s as usize);
+                let p = proj[vi * gh * gw + gy * gw + gx];
+                let rgb: [u8; 3] = std::array::from_fn(|k| (255.0 * ((p[k] - lo[k]) / (hi[k] - lo[k]).max(1e-12)).clamp(0.0, 1.0)) as u8);
+                sheet.put_pixel(s + 8 + px, y0 + py, image::Rgb(rgb));
+            }
+        }
+    }
+    sheet.save(out).with_context(|| format!("writing {}", out.display()))?;
+    Ok((sheet.width(), sheet.height()))
+}
+
+/// The top 3 principal directions of `x` (rows of length `d`), by power
+/// iteration with deflation on the covariance.
+fn pca3(x: &[Vec<f64>], d: usize) -> [Vec<f64>; 3] {
+    let n = x.len().max(1) as f64;
+    let mean: Vec<f64> = (0..d).map(|j| x.iter().map(|r| r[j]).sum::<f64>() / n).collect();
+    let xc: Vec<Vec<f64>> = x.iter().map(|r| r.iter().zip(&mean).map(|(a, m)| a - m).collect()).collect();
+    let mut comps: Vec<Vec<f64>> = Vec::new();
+    for k in 0..3 {
+        let mut v: Vec<f64> = (0..d).map(|j| ((j * 7919 + k * 104729) % 1000) as f64 / 1000.0 - 0.5).collect();
+        for _ in 0..100 {
+            // w = X^T (X v), minus projections on earlier components
+            let xv: Vec<f64> = xc.iter().map(|r| r.iter().zip(&v).map(|(a, b)| a * b).sum()).collect();
+            let mut w = vec![0f64; d];
+            for (r, s) in xc.iter().zip(&xv) {
+                for (wj, rj) in w.iter_mut().zip(r) {
+                    *wj += rj * s;
+                }
+            }
+            for c in &comps {
+                let dot: f64 = w.iter().zip(c).map(|(a, b)| a * b).sum();
+                for (wj, cj) in w.iter_mut().zip(c) {
+                    *wj -= dot * cj;
+                }
+            }
+            let norm = w.iter().map(|a| a * a).sum::<f64>().sqrt().max(1e-30);
+            v = w.into_iter().map(|a| a / norm).collect();
+        }
+        comps.push(v);
+    }
+    [comps[0].clone(), comps[1].clone(), comps[2].clone()]
+}

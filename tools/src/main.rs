@@ -30,6 +30,86 @@ enum Command {
     /// Look at a store.
     #[command(subcommand)]
     Inspect(InspectCommand),
+    /// Measure encoders on a labelled image folder: a checkpoint, a random-init
+    /// encoder of the same size (the floor) and the teacher (the ceiling).
+    #[command(subcommand)]
+    Eval(EvalCommand),
+    /// Write a checkpoint's encoder as safetensors with timm's
+    /// vit_*_patch16_224 names (plus a JSON config and a reference for
+    /// tools/scripts/check_timm_export.py).
+    /// Render a run's training curves (loss, loss_v, loss_z, lr) to PNG.
+    Plot {
+        /// Run folder.
+        run: PathBuf,
+        /// Output PNG [default: RUN/curves.png].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    Export {
+        /// Checkpoint folder (RUN/checkpoints/step-N) or run folder (latest).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Output file (.safetensors).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Weighted k-NN on cosine similarity (cross-validated).
+    Knn(EvalArgs),
+    /// BatchNorm (no affine) + linear classifier (cross-validated).
+    Linear(EvalArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Labelled images: ImageNet layout (DATA/<class>/<image>).
+    #[arg(long)]
+    data: PathBuf,
+    /// TSV mapping class folders to labels (header row; first column the folder).
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Column of --labels to use.
+    #[arg(long, default_value = "coarse")]
+    label_column: String,
+    /// Trainer checkpoints or run folders to evaluate (repeatable).
+    #[arg(long)]
+    checkpoint: Vec<PathBuf>,
+    /// Also a random-init encoder of this size [default: the first checkpoint's].
+    #[arg(long, value_parser = ["tiny", "small", "base", "large"])]
+    random: Option<String>,
+    /// Skip the random-init floor.
+    #[arg(long)]
+    no_random: bool,
+    /// Teacher ONNX models to evaluate (the ceiling; repeatable).
+    #[arg(long)]
+    teacher: Vec<PathBuf>,
+    /// Neighbours for k-NN.
+    #[arg(long, default_value_t = 20)]
+    k: usize,
+    /// Cross-validation folds.
+    #[arg(long, default_value_t = 5)]
+    folds: usize,
+    /// Linear-probe epochs.
+    #[arg(long, default_value_t = 100)]
+    epochs: usize,
+    /// Linear-probe learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    lr: f64,
+    /// Seed of folds, probe and random init.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Threads.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -119,6 +199,16 @@ struct TrainArgs {
     /// instead of reading them: proves equivalence, measures what caching saves.
     #[arg(long, value_name = "FILE.onnx")]
     live_teacher: Option<PathBuf>,
+    /// After training, evaluate the encoder with k-NN on this labelled folder
+    /// (plus the random-init floor); results in RUN/eval.json.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Label file for --eval-data (see `caev2 eval knn --help`).
+    #[arg(long)]
+    eval_labels: Option<PathBuf>,
+    /// Column of --eval-labels.
+    #[arg(long, default_value = "coarse")]
+    eval_label_column: String,
     /// On CUDA, train in fp32 instead of bfloat16 autocast.
     #[arg(long)]
     fp32: bool,
@@ -234,6 +324,53 @@ enum InspectCommand {
     Verify {
         /// Store folder.
         store: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One image's view parameters and target statistics (token norms, mean
+    /// cosine of neighbouring tokens, CLS-patch similarity).
+    Show {
+        /// Store folder.
+        store: PathBuf,
+        /// Image id or path relative to the dataset root.
+        #[arg(long)]
+        image: String,
+        /// Only this view.
+        #[arg(long)]
+        view: Option<u32>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A PNG sheet: each view as the teacher saw it next to a 3-component PCA
+    /// colouring of its patch targets.
+    Render {
+        /// Store folder.
+        store: PathBuf,
+        /// Image id or path relative to the dataset root.
+        #[arg(long)]
+        image: String,
+        /// Only this view [default: all views of the image].
+        #[arg(long)]
+        view: Option<u32>,
+        /// Image folder [default: the dataset root recorded in the store].
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Output PNG.
+        #[arg(long)]
+        out: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Two stores of the same images and views (e.g. two codecs): mean/min
+    /// token cosine, max error, bytes per view of each.
+    Compare {
+        /// First store.
+        a: PathBuf,
+        /// Second store.
+        b: PathBuf,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -422,12 +559,70 @@ fn run_train_cmd(a: TrainArgs) -> Result<ExitCode> {
             println!("checkpoint: {}", c.display());
         }
     }
+    if let Some(data) = &a.eval_data {
+        use tools::eval::*;
+        let set = load_labelled(data, a.eval_labels.as_deref().map(|p| (p, a.eval_label_column.as_str())))?;
+        let ecfg = EvalConfig { knn: true, linear: false, k: 20, folds: 5, seed: a.seed, epochs: 0, lr: 0.0, batch: 32, threads: opts.threads };
+        let encoders = [EncoderSpec::Checkpoint(a.out.clone()), EncoderSpec::Random(cfg.model.preset, a.seed)];
+        let rows = evaluate(&encoders, &set, &ecfg)?;
+        let path = a.out.join("eval.json");
+        let j = serde_json::json!({"data": data, "images": set.files.len(), "classes": set.classes, "folds": 5, "k": 20, "rows": rows});
+        std::fs::write(&path, serde_json::to_vec_pretty(&j)?).with_context(|| format!("writing {}", path.display()))?;
+        print!("{}", format_table(&rows, &set, &ecfg));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_eval_cmd(a: EvalArgs, knn: bool) -> Result<ExitCode> {
+    use tools::eval::*;
+    use trainer::model::Preset;
+    let threads = a.threads.unwrap_or_else(cores);
+    tch::set_num_threads(threads as i32);
+    let set = load_labelled(&a.data, a.labels.as_deref().map(|p| (p, a.label_column.as_str())))?;
+    let mut encoders: Vec<EncoderSpec> = a.checkpoint.iter().cloned().map(EncoderSpec::Checkpoint).collect();
+    if !a.no_random {
+        let preset = match (&a.random, a.checkpoint.first()) {
+            (Some(r), _) => Preset::parse(r),
+            (None, Some(c)) => Some(trainer::load_checkpoint(c, tch::Device::Cpu)?.config.model.preset),
+            (None, None) => None,
+        };
+        if let Some(p) = preset {
+            encoders.push(EncoderSpec::Random(p, a.seed));
+        }
+    }
+    encoders.extend(a.teacher.iter().cloned().map(EncoderSpec::Teacher));
+    if encoders.is_empty() {
+        bail!("nothing to evaluate: give --checkpoint, --random or --teacher");
+    }
+    let cfg = EvalConfig { knn, linear: !knn, k: a.k, folds: a.folds, seed: a.seed, epochs: a.epochs, lr: a.lr, batch: 32, threads };
+    let rows = evaluate(&encoders, &set, &cfg)?;
+    let j = serde_json::json!({"data": a.data, "images": set.files.len(), "classes": set.classes, "folds": a.folds, "k": a.k, "rows": rows});
+    if let Some(o) = &a.out {
+        std::fs::write(o, serde_json::to_vec_pretty(&j)?).with_context(|| format!("writing {}", o.display()))?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        print!("{}", format_table(&rows, &set, &cfg));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Eval(EvalCommand::Knn(a)) => run_eval_cmd(a, true),
+        Command::Eval(EvalCommand::Linear(a)) => run_eval_cmd(a, false),
+        Command::Plot { run, out } => {
+            let (path, n) = tools::plot::plot(&run, out.as_deref())?;
+            println!("plot: {} steps -> {}", n, path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export { checkpoint, out } => {
+            let e = tools::export::export(&checkpoint, &out)?;
+            println!("export: {} tensors -> {} (+ {}, {})", e.tensors, e.weights.display(), e.config.display(), e.check.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Extract(a) => run_extract_cmd(*a),
         Command::Train(a) => run_train_cmd(*a),
         Command::Inspect(InspectCommand::Summary { store, json }) => {
@@ -436,6 +631,36 @@ fn main() -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 print!("{}", tools::inspect::format_summary(&s));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect(InspectCommand::Show { store, image, view, json }) => {
+            let s = tools::inspect::show(&store, &image, view)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", tools::inspect::format_show(&s));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect(InspectCommand::Render { store, image, view, data, out, json }) => {
+            let (w, h) = tools::inspect::render(&store, data.as_deref(), &image, view, &out)?;
+            if json {
+                println!("{}", serde_json::json!({"out": out, "width": w, "height": h}));
+            } else {
+                println!("render: {} ({w}x{h})", out.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect(InspectCommand::Compare { a, b, json }) => {
+            let c = tools::inspect::compare(&a, &b)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                println!(
+                    "compare: {} views; token cosine mean {:.6} min {:.6}; max abs error {:.2e} (unit tokens); bytes/view {:.0} vs {:.0}",
+                    c.views, c.mean_cosine, c.min_cosine, c.max_abs_error, c.bytes_per_view_a, c.bytes_per_view_b
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -385,3 +385,32 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     summary.elapsed = t0.elapsed();
     Ok(summary)
 }
+
+/// A trained (or freshly initialised) student loaded for evaluation or export.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The run's configuration.
+    pub config: TrainConfig,
+    /// The parameters.
+    pub vs: nn::VarStore,
+    /// The model.
+    pub model: Cae2,
+}
+
+/// Load the student of a checkpoint folder (`RUN/checkpoints/step-N`, or the
+/// run folder itself for its latest checkpoint); the configuration is read
+/// from `RUN/config.json`.
+///
+/// # Errors
+/// Missing files or parameters that do not fit the configuration.
+pub fn load_checkpoint(path: &Path, device: tch::Device) -> Result<LoadedModel> {
+    let ck = if path.join("model.safetensors").exists() { path.to_owned() } else { latest_checkpoint(path)? };
+    let run = ck.parent().and_then(Path::parent).ok_or_else(|| TrainError::Checkpoint { path: ck.clone(), what: "not inside a run folder".into() })?;
+    let cfg_path = run.join("config.json");
+    let config: TrainConfig = serde_json::from_slice(&std::fs::read(&cfg_path).map_err(TrainError::io(&cfg_path, "read config"))?)
+        .map_err(|e| TrainError::Checkpoint { path: cfg_path.clone(), what: e.to_string() })?;
+    let mut vs = nn::VarStore::new(device);
+    let model = Cae2::new(&vs.root(), &config.model);
+    vs.load(ck.join("model.safetensors")).map_err(|e| TrainError::Checkpoint { path: ck.clone(), what: e.to_string() })?;
+    Ok(LoadedModel { config, vs, model })
+}
