@@ -15,9 +15,9 @@ use anyhow::{Context, Result, bail};
 use caev2_views::{RgbImage, SplitMix64, decode_image, normalize_chw, resize_bicubic};
 use rayon::prelude::*;
 use serde::Serialize;
+use target_extractor::{Dataset, Teacher, TeacherSpec};
 use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, Tensor, nn};
-use target_extractor::{Dataset, Teacher, TeacherSpec};
 use trainer::model::{Cae2, ModelConfig, Preset};
 
 /// A labelled image folder.
@@ -48,11 +48,18 @@ pub fn load_labelled(root: &Path, labels: Option<(&Path, &str)>) -> Result<Label
             let text = std::fs::read_to_string(tsv).with_context(|| format!("reading {}", tsv.display()))?;
             let mut lines = text.lines();
             let header: Vec<&str> = lines.next().unwrap_or("").split('\t').collect();
-            let col = header.iter().position(|h| *h == column).with_context(|| format!("{}: no column {column:?} in {header:?}", tsv.display()))?;
-            Some(lines.filter_map(|l| {
-                let f: Vec<&str> = l.split('\t').collect();
-                Some((f.first()?.to_string(), f.get(col)?.to_string()))
-            }).collect())
+            let col = header
+                .iter()
+                .position(|h| *h == column)
+                .with_context(|| format!("{}: no column {column:?} in {header:?}", tsv.display()))?;
+            Some(
+                lines
+                    .filter_map(|l| {
+                        let f: Vec<&str> = l.split('\t').collect();
+                        Some((f.first()?.to_string(), f.get(col)?.to_string()))
+                    })
+                    .collect(),
+            )
         }
     };
     let mut names = Vec::new();
@@ -97,7 +104,11 @@ impl EncoderSpec {
 pub fn eval_crop(img: &RgbImage, s: u32) -> RgbImage {
     let short = ((f64::from(s) * 256.0 / 224.0).round() as u32).max(s);
     let (w, h) = (img.width(), img.height());
-    let (nw, nh) = if w <= h { (short, (f64::from(short) * f64::from(h) / f64::from(w)) as u32) } else { ((f64::from(short) * f64::from(w) / f64::from(h)) as u32, short) };
+    let (nw, nh) = if w <= h {
+        (short, (f64::from(short) * f64::from(h) / f64::from(w)) as u32)
+    } else {
+        ((f64::from(short) * f64::from(w) / f64::from(h)) as u32, short)
+    };
     let r = resize_bicubic(img, nw.max(s), nh.max(s));
     let top = ((f64::from(r.height() - s)) / 2.0).round() as u32;
     let left = ((f64::from(r.width() - s)) / 2.0).round() as u32;

@@ -441,7 +441,14 @@ pub fn compare(a: &Path, b: &Path) -> Result<Comparison> {
         }
     }
     let bpv = |root: &Path| -> Result<f64> { Ok(summary(root)?.bytes_per_view) };
-    Ok(Comparison { views, mean_cosine: sum / n.max(1) as f64, min_cosine: min, max_abs_error: max_err, bytes_per_view_a: bpv(a)?, bytes_per_view_b: bpv(b)? })
+    Ok(Comparison {
+        views,
+        mean_cosine: sum / n.max(1) as f64,
+        min_cosine: min,
+        max_abs_error: max_err,
+        bytes_per_view_a: bpv(a)?,
+        bytes_per_view_b: bpv(b)?,
+    })
 }
 
 /// Render the views of `image` as the teacher saw them, each next to a

@@ -562,7 +562,8 @@ fn run_train_cmd(a: TrainArgs) -> Result<ExitCode> {
     if let Some(data) = &a.eval_data {
         use tools::eval::*;
         let set = load_labelled(data, a.eval_labels.as_deref().map(|p| (p, a.eval_label_column.as_str())))?;
-        let ecfg = EvalConfig { knn: true, linear: false, k: 20, folds: 5, seed: a.seed, epochs: 0, lr: 0.0, batch: 32, threads: opts.threads };
+        let ecfg =
+            EvalConfig { knn: true, linear: false, k: 20, folds: 5, seed: a.seed, epochs: 0, lr: 0.0, batch: 32, threads: opts.threads };
         let encoders = [EncoderSpec::Checkpoint(a.out.clone()), EncoderSpec::Random(cfg.model.preset, a.seed)];
         let rows = evaluate(&encoders, &set, &ecfg)?;
         let path = a.out.join("eval.json");
@@ -596,7 +597,8 @@ fn run_eval_cmd(a: EvalArgs, knn: bool) -> Result<ExitCode> {
     }
     let cfg = EvalConfig { knn, linear: !knn, k: a.k, folds: a.folds, seed: a.seed, epochs: a.epochs, lr: a.lr, batch: 32, threads };
     let rows = evaluate(&encoders, &set, &cfg)?;
-    let j = serde_json::json!({"data": a.data, "images": set.files.len(), "classes": set.classes, "folds": a.folds, "k": a.k, "rows": rows});
+    let j =
+        serde_json::json!({"data": a.data, "images": set.files.len(), "classes": set.classes, "folds": a.folds, "k": a.k, "rows": rows});
     if let Some(o) = &a.out {
         std::fs::write(o, serde_json::to_vec_pretty(&j)?).with_context(|| format!("writing {}", o.display()))?;
     }

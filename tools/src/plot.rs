@@ -7,11 +7,8 @@ use anyhow::{Context, Result, bail};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-const FONTS: [&str; 3] = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-];
+const FONTS: [&str; 3] =
+    ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
 
 fn register_font() -> Result<()> {
     let path = std::env::var_os("CAEV2_FONT")
@@ -19,7 +16,8 @@ fn register_font() -> Result<()> {
         .or_else(|| FONTS.iter().map(PathBuf::from).find(|p| p.exists()))
         .context("no TrueType font found for the labels: install fonts-dejavu-core or set CAEV2_FONT=FILE.ttf")?;
     let bytes: &'static [u8] = Box::leak(std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| anyhow::anyhow!("{}: not a usable font", path.display()))
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| anyhow::anyhow!("{}: not a usable font", path.display()))
 }
 
 /// Plot `run/metrics.jsonl` to `out` (default `run/curves.png`); returns
@@ -30,7 +28,8 @@ fn register_font() -> Result<()> {
 pub fn plot(run: &Path, out: Option<&Path>) -> Result<(PathBuf, usize)> {
     let path = run.join("metrics.jsonl");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let rows: Vec<trainer::Metrics> = text.lines().map(serde_json::from_str).collect::<Result<_, _>>().with_context(|| format!("parsing {}", path.display()))?;
+    let rows: Vec<trainer::Metrics> =
+        text.lines().map(serde_json::from_str).collect::<Result<_, _>>().with_context(|| format!("parsing {}", path.display()))?;
     if rows.is_empty() {
         bail!("{} has no steps yet", path.display());
     }

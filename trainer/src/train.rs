@@ -405,7 +405,10 @@ pub struct LoadedModel {
 /// Missing files or parameters that do not fit the configuration.
 pub fn load_checkpoint(path: &Path, device: tch::Device) -> Result<LoadedModel> {
     let ck = if path.join("model.safetensors").exists() { path.to_owned() } else { latest_checkpoint(path)? };
-    let run = ck.parent().and_then(Path::parent).ok_or_else(|| TrainError::Checkpoint { path: ck.clone(), what: "not inside a run folder".into() })?;
+    let run = ck
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| TrainError::Checkpoint { path: ck.clone(), what: "not inside a run folder".into() })?;
     let cfg_path = run.join("config.json");
     let config: TrainConfig = serde_json::from_slice(&std::fs::read(&cfg_path).map_err(TrainError::io(&cfg_path, "read config"))?)
         .map_err(|e| TrainError::Checkpoint { path: cfg_path.clone(), what: e.to_string() })?;

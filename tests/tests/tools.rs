@@ -1,0 +1,231 @@
+//! `caev2 inspect`, `eval`, `export`, `plot` on a small real store built by
+//! the test, each checked against values it can know.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use caev2_tests::*;
+use shard_store::Store;
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    data: PathBuf,
+    f16: PathBuf,
+    f32: PathBuf,
+    run: PathBuf,
+}
+
+/// 6 photos in 2 classes, 2 views, tiny teacher, stored in f16 and f32; a
+/// ViT-Tiny trained for 3 steps on the f16 store.
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let data = tmp.path().join("data");
+        let photos = dep("data/photos");
+        let mut files: Vec<(&str, PathBuf)> =
+            ["astronaut.png", "coffee.png", "chelsea.png"].iter().map(|f| ("a", photos.join(f))).collect();
+        files.extend(imagenet_photos(3).into_iter().map(|(_, p)| ("b", p)));
+        make_dataset(&data, &files);
+        let (f16, f32) = (tmp.path().join("f16"), tmp.path().join("f32"));
+        for (out, codec) in [(&f16, "f16"), (&f32, "f32")] {
+            run_ok(&[
+                "extract",
+                "--teacher",
+                s(&tiny_vit()),
+                "--data",
+                s(&data),
+                "--out",
+                s(out),
+                "--views",
+                "2",
+                "--codec",
+                codec,
+                "--images-per-shard",
+                "4",
+                "--no-progress",
+            ]);
+        }
+        let run = tmp.path().join("run");
+        run_ok(&[
+            "train",
+            "--shards",
+            s(&f16),
+            "--data",
+            s(&data),
+            "--out",
+            s(&run),
+            "--batch",
+            "2",
+            "--steps",
+            "3",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]);
+        Fixture { _tmp: tmp, data, f16, f32, run }
+    })
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&run_ok(args)).expect("json output")
+}
+
+#[test]
+fn summary_reports_known_values() {
+    let f = fixture();
+    let j = json(&["inspect", "summary", s(&f.f16), "--json"]);
+    assert_eq!(j["views_stored"], 12);
+    assert_eq!(j["images_stored"], 6);
+    assert_eq!(j["shards_done"], 2);
+    assert_eq!(j["manifest"]["codec"], "f16");
+    assert_eq!(j["manifest"]["teacher"]["tokens"], 17);
+    // 17 x 24 f16 values = 816 bytes per record, plus alignment and index
+    let bpv = j["bytes_per_view"].as_f64().expect("number");
+    assert!((816.0..4000.0).contains(&bpv), "{bpv}");
+    let text = run_ok(&["inspect", "summary", s(&f.f16)]);
+    assert!(text.contains("12 stored, 2 per image") && text.contains("codec f16"), "{text}");
+}
+
+#[test]
+fn show_matches_the_store() {
+    let f = fixture();
+    let j = json(&["inspect", "show", s(&f.f32), "--image", "a/coffee.png", "--json"]);
+    let store = Store::open(&f.f32).expect("open");
+    let id = j["image_id"].as_u64().expect("id");
+    assert_eq!(j["views"].as_array().expect("views").len(), 2);
+    let t = store.targets(id, 1).expect("ok").expect("stored").to_vec();
+    let norms: Vec<f64> = t.chunks(24).map(|c| c.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt()).collect();
+    let mean = norms.iter().sum::<f64>() / norms.len() as f64;
+    let v1 = &j["views"][1];
+    assert!((v1["norm_mean"].as_f64().expect("n") - mean).abs() < 1e-6, "{v1}");
+    let row = store.index().expect("index").into_iter().find(|r| r.image_id == id && r.view == 1).expect("row");
+    assert_eq!(v1["params"]["crop"]["width"], row.params.crop.width);
+    let nc = v1["neighbour_cosine"].as_f64().expect("c");
+    assert!((-1.0..=1.0).contains(&nc));
+    let by_id = json(&["inspect", "show", s(&f.f32), "--image", &id.to_string(), "--view", "0", "--json"]);
+    assert_eq!(by_id["views"].as_array().expect("views").len(), 1);
+}
+
+#[test]
+fn render_writes_a_sheet_of_the_right_size() {
+    let f = fixture();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = tmp.path().join("sheet.png");
+    run_ok(&["inspect", "render", s(&f.f16), "--image", "b/imagenet_14_129.jpg", "--out", s(&out)]);
+    let img = image::open(&out).expect("png").to_rgb8();
+    // 2 views of the 32-px teacher input: (2*32 + 8) x 2*(32 + 8)
+    assert_eq!(img.dimensions(), (72, 80));
+    run_ok(&["inspect", "render", s(&f.f16), "--image", "b/imagenet_14_129.jpg", "--view", "1", "--data", s(&f.data), "--out", s(&out)]);
+    assert_eq!(image::open(&out).expect("png").to_rgb8().dimensions(), (72, 40));
+}
+
+#[test]
+fn compare_f16_with_f32() {
+    let f = fixture();
+    let j = json(&["inspect", "compare", s(&f.f32), s(&f.f16), "--json"]);
+    assert_eq!(j["views"], 12);
+    let mean = j["mean_cosine"].as_f64().expect("c");
+    let min = j["min_cosine"].as_f64().expect("c");
+    assert!(mean > 0.99999 && min > 0.9999, "f16 keeps targets: {j}");
+    let err = j["max_abs_error"].as_f64().expect("e");
+    assert!(err > 0.0 && err < 1e-3, "{j}");
+    let (a, b) = (j["bytes_per_view_a"].as_f64().expect("a"), j["bytes_per_view_b"].as_f64().expect("b"));
+    assert!(b < a, "f16 is smaller: {a} vs {b}");
+}
+
+#[test]
+fn verify_catches_a_missing_shard_and_a_truncated_index() {
+    let f = fixture();
+    let tmp = tempfile::tempdir().expect("tmp");
+    for (damage, expect) in [("missing shard", "shard-00001.bin"), ("truncated index", "parquet")] {
+        let copy = tmp.path().join(damage.replace(' ', "-"));
+        copy_dir(&f.f16, &copy);
+        match damage {
+            "missing shard" => std::fs::remove_file(copy.join("shards/shard-00001.bin")).expect("rm"),
+            _ => {
+                let p = copy.join("index/shard-00000.parquet");
+                let b = std::fs::read(&p).expect("read");
+                std::fs::write(&p, &b[..b.len() / 2]).expect("truncate");
+            }
+        }
+        let o = run(&["inspect", "verify", s(&copy)]);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(o.status.code(), Some(1), "{damage}: {text}");
+        assert!(text.contains(expect), "{damage}: {text}");
+    }
+    assert!(run_ok(&["inspect", "verify", s(&f.f16), "--json"]).contains("\"problems\": []"));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).expect("ls") {
+        let e = e.expect("entry");
+        let dst = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            std::fs::create_dir_all(&dst).expect("mkdir");
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::create_dir_all(to).expect("mkdir");
+            std::fs::copy(e.path(), dst).expect("copy");
+        }
+    }
+}
+
+#[test]
+fn eval_knn_and_linear_rate_checkpoint_floor_and_teacher() {
+    let f = fixture();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = tmp.path().join("eval.json");
+    let teacher = tiny_vit();
+    let j = json(&[
+        "eval",
+        "knn",
+        "--data",
+        s(&f.data),
+        "--checkpoint",
+        s(&f.run),
+        "--teacher",
+        s(&teacher),
+        "--k",
+        "3",
+        "--folds",
+        "3",
+        "--out",
+        s(&out),
+        "--json",
+    ]);
+    let rows = j["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 6, "checkpoint, random floor, teacher x (cls, mean): {j}");
+    assert!(rows.iter().all(|r| (0.0..=1.0).contains(&r["knn"].as_f64().unwrap_or(-1.0))), "{j}");
+    assert!(rows[2]["encoder"].as_str().expect("name").starts_with("random-init vit_tiny"));
+    assert_eq!(rows[4]["dim"], 24, "teacher features are its 24-dim tokens");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&out).expect("file")).expect("json")["rows"], j["rows"]);
+    let lin = json(&["eval", "linear", "--data", s(&f.data), "--teacher", s(&teacher), "--folds", "3", "--epochs", "5", "--json"]);
+    assert!(lin["rows"][0]["linear"].as_f64().is_some());
+    // a label file maps folders to labels
+    let tsv = tmp.path().join("labels.tsv");
+    std::fs::write(&tsv, "wnid\tcoarse\na\tone\nb\ttwo\n").expect("write");
+    let l =
+        json(&["eval", "knn", "--data", s(&f.data), "--labels", s(&tsv), "--teacher", s(&teacher), "--folds", "2", "--k", "2", "--json"]);
+    assert_eq!(l["classes"], serde_json::json!(["one", "two"]));
+}
+
+#[test]
+fn export_and_plot() {
+    let f = fixture();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = tmp.path().join("encoder.safetensors");
+    let text = run_ok(&["export", "--checkpoint", s(&f.run), "--out", s(&out)]);
+    assert!(text.contains("174 tensors"), "ViT-Tiny: cls, pos, patch (2), 12 x 14 block tensors, norm (2): {text}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("encoder.json")).expect("json")).expect("json");
+    assert_eq!(cfg["architecture"], "vit_tiny_patch16_224");
+    assert_eq!(cfg["timm_kwargs"]["num_heads"], 12);
+    let png = run_ok(&["plot", s(&f.run), "--out", s(&tmp.path().join("c.png"))]);
+    assert!(png.contains("3 steps"), "{png}");
+    assert_eq!(image::open(tmp.path().join("c.png")).expect("png").to_rgb8().dimensions(), (1000, 760));
+}
