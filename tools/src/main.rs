@@ -61,6 +61,29 @@ enum EvalCommand {
     Knn(EvalArgs),
     /// BatchNorm (no affine) + linear classifier (cross-validated).
     Linear(EvalArgs),
+    /// Alignment of a checkpoint's predictions with the teacher's targets on
+    /// stored views (e.g. those held out with `train --train-views`): mean
+    /// cosine for visible (+CLS) and masked tokens, with the run's masking.
+    Align {
+        /// Checkpoint folder or run folder.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Store [default: the run's].
+        #[arg(long)]
+        shards: Option<PathBuf>,
+        /// Image folder [default: the run's].
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Stored views to use, e.g. 2..3.
+        #[arg(long, value_parser = parse_range)]
+        views: Range<u32>,
+        /// Batch size.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -199,6 +222,10 @@ struct TrainArgs {
     /// instead of reading them: proves equivalence, measures what caching saves.
     #[arg(long, value_name = "FILE.onnx")]
     live_teacher: Option<PathBuf>,
+    /// Train on stored views 0..N only; the others stay held out for
+    /// `caev2 eval align`.
+    #[arg(long)]
+    train_views: Option<u32>,
     /// After training, evaluate the encoder with k-NN on this labelled folder
     /// (plus the random-init floor); results in RUN/eval.json.
     #[arg(long)]
@@ -488,7 +515,13 @@ fn run_train_cmd(a: TrainArgs) -> Result<ExitCode> {
         (None, Some(r)) => (r * patches as f64).round() as usize,
         (None, None) => model.default_masked() as usize,
     };
-    let images = store.index()?.iter().map(|r| r.image_id).collect::<std::collections::BTreeSet<_>>().len() as u64;
+    let images = store
+        .index()?
+        .iter()
+        .filter(|r| a.train_views.is_none_or(|n| r.view < n))
+        .map(|r| r.image_id)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len() as u64;
     let steps_per_epoch = (images / a.batch.max(1) as u64).max(1);
     let steps = a.steps.unwrap_or(a.epochs.unwrap_or(300) * steps_per_epoch);
     drop(store);
@@ -517,6 +550,7 @@ fn run_train_cmd(a: TrainArgs) -> Result<ExitCode> {
         clip_grad: a.clip_grad,
         seed: a.seed,
         live_teacher: a.live_teacher.clone(),
+        train_views: a.train_views,
     };
     let opts = trainer::RunOptions {
         out: a.out.clone(),
@@ -615,6 +649,18 @@ fn main() -> Result<ExitCode> {
     match cli.command {
         Command::Eval(EvalCommand::Knn(a)) => run_eval_cmd(a, true),
         Command::Eval(EvalCommand::Linear(a)) => run_eval_cmd(a, false),
+        Command::Eval(EvalCommand::Align { checkpoint, shards, data, views, batch, json }) => {
+            let loaded = trainer::load_checkpoint(&checkpoint, tch::Device::Cpu)?;
+            let store = shards.unwrap_or_else(|| loaded.config.store.clone());
+            let data = data.unwrap_or_else(|| loaded.config.data.clone());
+            let (v, z) = trainer::alignment(&loaded, &store, &data, views.clone(), batch, cores())?;
+            if json {
+                println!("{}", serde_json::json!({"checkpoint": checkpoint, "views": [views.start, views.end], "align_visible": v, "align_masked": z}));
+            } else {
+                println!("alignment on views {}..{}: visible (+CLS) mean cosine {v:.4}, masked {z:.4}", views.start, views.end);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Plot { run, out } => {
             let (path, n) = tools::plot::plot(&run, out.as_deref())?;
             println!("plot: {} steps -> {}", n, path.display());

@@ -101,6 +101,7 @@ fn main() {
         clip_grad: 3.0,
         seed: 0,
         live_teacher: live.then(|| teacher.clone()),
+        train_views: None,
     };
     let mut step_secs = [0f64; 2];
     for (i, live) in [false, true].into_iter().enumerate() {
@@ -121,7 +122,7 @@ fn main() {
     }
 
     // 2. loader throughput on one core vs Python
-    let src = Arc::new(DataSource::open(&store, &sub, 224).expect("open"));
+    let src = Arc::new(DataSource::open(&store, &sub, 224, None).expect("open"));
     let n_batches = (images / batch) as u64;
     let lc = LoaderConfig { batch, seed: 0, threads: 1, prefetch: 1, image_size: 224, grid: 14, teacher_inputs: false };
     let t = Instant::now();

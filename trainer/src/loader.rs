@@ -86,13 +86,14 @@ pub struct DataSource {
 }
 
 impl DataSource {
-    /// Open `store` for a student of `image_size` px, reading images from `data`.
+    /// Open `store` for a student of `image_size` px, reading images from
+    /// `data`, using only the stored views in `views` (all when `None`).
     ///
     /// # Errors
     /// [`TrainError::Incompatible`] when the store's views were made for
     /// another student size or decoder, or the teacher has no CLS token;
     /// store errors.
-    pub fn open(store_dir: &Path, data: &Path, image_size: u32) -> Result<Self> {
+    pub fn open(store_dir: &Path, data: &Path, image_size: u32, views: Option<std::ops::Range<u32>>) -> Result<Self> {
         let store = Store::open(store_dir)?;
         let m = store.manifest();
         let bad = |what: String| TrainError::Incompatible { store: store_dir.to_owned(), what };
@@ -116,13 +117,16 @@ impl DataSource {
         }
         let mut images: Vec<ImageViews> = Vec::new();
         for row in store.index()? {
+            if views.as_ref().is_some_and(|r| !r.contains(&row.view)) {
+                continue;
+            }
             match images.last_mut() {
                 Some(iv) if iv.image_id == row.image_id => iv.views.push((row.view, row.params)),
                 _ => images.push(ImageViews { image_id: row.image_id, path: row.path, views: vec![(row.view, row.params)] }),
             }
         }
         if images.is_empty() {
-            return Err(bad("it holds no views".into()));
+            return Err(bad(format!("it holds no views{}", views.map(|r| format!(" numbered {}..{}", r.start, r.end)).unwrap_or_default())));
         }
         Ok(Self { store: Arc::new(store), data: data.to_owned(), images })
     }

@@ -51,6 +51,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Live teacher ONNX file (targets computed in the loop instead of read).
     pub live_teacher: Option<PathBuf>,
+    /// Train on stored views `0..N` only, holding the rest out for `eval align`.
+    #[serde(default)]
+    pub train_views: Option<u32>,
 }
 
 /// Runtime settings that do not change results.
@@ -193,7 +196,7 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     }
     tch::set_num_threads(opts.threads.max(1) as i32);
     let grid = cfg.model.grid() as usize;
-    let source = Arc::new(DataSource::open(&cfg.store, &cfg.data, cfg.model.image_size as u32)?);
+    let source = Arc::new(DataSource::open(&cfg.store, &cfg.data, cfg.model.image_size as u32, cfg.train_views.map(|n| 0..n))?);
     let m = source.store().manifest().clone();
     if i64::from(m.teacher.dim) != cfg.model.target_dim {
         return Err(TrainError::Incompatible {
@@ -416,4 +419,39 @@ pub fn load_checkpoint(path: &Path, device: tch::Device) -> Result<LoadedModel> 
     let model = Cae2::new(&vs.root(), &config.model);
     vs.load(ck.join("model.safetensors")).map_err(|e| TrainError::Checkpoint { path: ck.clone(), what: e.to_string() })?;
     Ok(LoadedModel { config, vs, model })
+}
+
+/// Mean cosine between a student's predictions and the (L2-normalised)
+/// teacher targets on the stored views `views` (e.g. views held out with
+/// `train_views`): `(visible incl. CLS, masked)`, with the run's masking.
+///
+/// # Errors
+/// Store, data or model errors.
+pub fn alignment(loaded: &LoadedModel, store: &Path, data: &Path, views: std::ops::Range<u32>, batch: usize, threads: usize) -> Result<(f64, f64)> {
+    let cfg = &loaded.config;
+    let grid = cfg.model.grid() as usize;
+    let source = Arc::new(DataSource::open(store, data, cfg.model.image_size as u32, Some(views))?);
+    let batch = batch.min(source.num_images()).max(1);
+    let steps = source.steps_per_epoch(batch);
+    let masks = MaskGenerator::new(grid, grid, cfg.num_masked, cfg.masking);
+    let lc = LoaderConfig { batch, seed: cfg.seed ^ 0xa11_9e, threads, prefetch: 2, image_size: cfg.model.image_size as u32, grid, teacher_inputs: false };
+    let rx = source.stream(lc, masks, 0, steps);
+    let dim = i64::from(source.store().manifest().teacher.dim);
+    let (b, s, np, nm) = (batch as i64, cfg.model.image_size, (grid * grid) as i64, cfg.num_masked as i64);
+    let (mut sv, mut sz, mut n) = (0f64, 0f64, 0f64);
+    for batch_data in rx {
+        let bd = batch_data?;
+        let images = Tensor::from_slice(&bd.images).view([b, 3, s, s]);
+        let targets = crate::loss::l2_normalize(&Tensor::from_slice(&bd.targets).view([b, 1 + np, dim]));
+        let visible = Tensor::from_slice(&bd.visible).view([b, np - nm]);
+        let masked = Tensor::from_slice(&bd.masked).view([b, nm]);
+        let out = tch::no_grad(|| loaded.model.forward(&images, &visible, &masked, false));
+        let patches = targets.narrow(1, 1, np);
+        let tv = Tensor::cat(&[targets.narrow(1, 0, 1), patches.gather(1, &visible.unsqueeze(-1).expand([-1, -1, dim], false), false)], 1);
+        let tz = patches.gather(1, &masked.unsqueeze(-1).expand([-1, -1, dim], false), false);
+        sv += (&out.visible * tv).sum_dim_intlist(&[-1i64][..], false, Kind::Float).mean(Kind::Float).double_value(&[]);
+        sz += (&out.masked * tz).sum_dim_intlist(&[-1i64][..], false, Kind::Float).mean(Kind::Float).double_value(&[]);
+        n += 1.0;
+    }
+    Ok((sv / n.max(1.0), sz / n.max(1.0)))
 }
