@@ -11,6 +11,9 @@ with --no-deps by scripts/setup.sh). Writes:
       imagenet_synsets.txt)
   OUT_DIR/photos/*.{png,jpg}   scikit-image's natural photos, unlabelled,
       in the formats they ship (RGB, grayscale, RGBA PNG, JPEG)
+  OUT_DIR/imagenet-mini-labels.tsv   wnid, class index and a 2-way label
+      (ImageNet-1k classes 0-397 are animals, the rest objects, food, plants
+      and scenes) for the default job's k-NN check
 """
 import glob
 import os
@@ -36,16 +39,22 @@ def main(dl: str, out: str) -> None:
         wnids = z.read("timm/data/_info/imagenet_synsets.txt").decode().split()
     assert len(wnids) == 1000, len(wnids)
     n = 0
+    seen = {}
     with wheel(dl, "foolbox") as z:
         for name in z.namelist():
             m = re.fullmatch(r"foolbox/data/(imagenet_\d+_(\d+)\.jpg)", name)
             if not m:
                 continue
+            seen[wnids[int(m.group(2))]] = int(m.group(2))
             d = os.path.join(out, "imagenet-mini", wnids[int(m.group(2))])
             os.makedirs(d, exist_ok=True)
             with open(os.path.join(d, m.group(1)), "wb") as f:
                 f.write(z.read(name))
             n += 1
+    with open(os.path.join(out, "imagenet-mini-labels.tsv"), "w") as f:
+        f.write("wnid\tclass_index\tkind\n")
+        for wnid, idx in sorted(seen.items()):
+            f.write(f"{wnid}\t{idx}\t{'animal' if idx <= 397 else 'object'}\n")
     os.makedirs(os.path.join(out, "photos"), exist_ok=True)
     with wheel(dl, "scikit_image") as z:
         for p in SKIMAGE_PHOTOS:

@@ -90,11 +90,11 @@ fi
 
 # ---- 5. sample images (registry packages) ------------------------------------
 DATA="$DEPS/data"
-DATA_PINS="foolbox==$FOOLBOX_VERSION scikit-image==$SKIMAGE_VERSION timm==$TIMM_VERSION"
+DATA_PINS="foolbox==$FOOLBOX_VERSION scikit-image==$SKIMAGE_VERSION timm==$TIMM_VERSION labels-v2"
 if ! stamp_ok data "$DATA_PINS"; then
   log "installing sample images ($DATA_PINS)"
   rm -rf "$DATA" "$DEPS/dl-data"; mkdir -p "$DATA" "$DEPS/dl-data"
-  "$PY" -m pip download --quiet --no-deps -d "$DEPS/dl-data" $DATA_PINS
+  "$PY" -m pip download --quiet --no-deps -d "$DEPS/dl-data" "foolbox==$FOOLBOX_VERSION" "scikit-image==$SKIMAGE_VERSION" "timm==$TIMM_VERSION"
   "$VENV/bin/python" "$ROOT/scripts/make_sample_data.py" "$DEPS/dl-data" "$DATA"
   rm -rf "$DEPS/dl-data"
   stamp_set data "$DATA_PINS"

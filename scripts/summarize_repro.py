@@ -31,7 +31,13 @@ def step_seconds(run):
 
 
 def main(out):
-    log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    text, log, dec, i = open(os.path.join(out, "log.jsonl")).read(), [], json.JSONDecoder(), 0
+    while i < len(text):
+        if text[i].isspace():
+            i += 1
+            continue
+        obj, i = dec.raw_decode(text, i)
+        log.append(obj)
     extract = next(e for e in log if e["what"] == "extract")
     runs = [e for e in log if e["what"] == "run"]
     floor = [e for e in log if e["what"] == "floor"]
