@@ -39,8 +39,8 @@ for variant in both lv_only lz_only mask50; do
     $C train --shards "$OUT/store" --data "$DATA" --model "$MODEL" --out "$run" --batch "$BATCH" --steps "$STEPS" \
       --lr 1e-3 --warmup-steps 5 --seed "$seed" --train-views "$((K-1))" --checkpoint-every 1000000 --no-progress ${FLAGS[$variant]} > /dev/null
     t1=$(date +%s.%N)
-    align=$($C eval align --checkpoint "$run" --views "$HOLD" --json)
-    knn=$($C eval knn --data "$DATA" --labels "$LABELS" --checkpoint "$run" --no-random --json)
+    align=$($C eval align --checkpoint "$run" --views "$HOLD" --json | tr -d "\n")
+    knn=$($C eval knn --data "$DATA" --labels "$LABELS" --checkpoint "$run" --no-random --json | tr -d "\n")
     $C plot "$run" > /dev/null
     note "{\"what\": \"run\", \"variant\": \"$variant\", \"seed\": $seed, \"train_seconds\": $(echo "$t1 - $t0" | bc), \"align\": $align, \"knn\": $knn}"
     echo "done $variant seed $seed"
@@ -55,9 +55,9 @@ for mode in cached live; do
 done
 note "{\"what\": \"cost\", \"cached\": \"$OUT/cost-cached\", \"live\": \"$OUT/cost-live\"}"
 for seed in $SEEDS; do
-  knn=$($C eval knn --data "$DATA" --labels "$LABELS" --random "$MODEL" --seed "$seed" --json)
+  knn=$($C eval knn --data "$DATA" --labels "$LABELS" --random "$MODEL" --seed "$seed" --json | tr -d "\n")
   note "{\"what\": \"floor\", \"seed\": $seed, \"knn\": $knn}"
 done
-knn=$($C eval knn --data "$DATA" --labels "$LABELS" --teacher "$TEACHER" --no-random --json)
+knn=$($C eval knn --data "$DATA" --labels "$LABELS" --teacher "$TEACHER" --no-random --json | tr -d "\n")
 note "{\"what\": \"teacher\", \"knn\": $knn}"
 .deps/py/bin/python scripts/summarize_repro.py "$OUT"

@@ -207,6 +207,7 @@ fn folds(n: usize, k: usize, seed: u64) -> Vec<usize> {
 /// k-NN accuracy, k-fold cross-validated: cosine similarity, votes weighted
 /// by `exp(sim / temperature)` over the `k` nearest training samples (the
 /// DINO protocol).
+#[allow(clippy::too_many_arguments)] // one argument per protocol setting
 pub fn knn_cv(x: &[f32], dim: usize, labels: &[usize], classes: usize, k: usize, nfolds: usize, seed: u64, temperature: f64) -> f64 {
     let n = labels.len();
     let feats = Tensor::from_slice(x).view([n as i64, dim as i64]);

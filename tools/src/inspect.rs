@@ -300,10 +300,10 @@ fn cos(a: &[f32], b: &[f32]) -> f64 {
 /// # Errors
 /// When no stored view matches.
 pub fn find_image(rows: &[shard_store::IndexRow], image: &str) -> Result<u64> {
-    if let Ok(id) = image.parse::<u64>() {
-        if rows.iter().any(|r| r.image_id == id) {
-            return Ok(id);
-        }
+    if let Ok(id) = image.parse::<u64>()
+        && rows.iter().any(|r| r.image_id == id)
+    {
+        return Ok(id);
     }
     rows.iter()
         .find(|r| r.path == image || r.path.ends_with(&format!("/{image}")))

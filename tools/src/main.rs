@@ -655,7 +655,10 @@ fn main() -> Result<ExitCode> {
             let data = data.unwrap_or_else(|| loaded.config.data.clone());
             let (v, z) = trainer::alignment(&loaded, &store, &data, views.clone(), batch, cores())?;
             if json {
-                println!("{}", serde_json::json!({"checkpoint": checkpoint, "views": [views.start, views.end], "align_visible": v, "align_masked": z}));
+                println!(
+                    "{}",
+                    serde_json::json!({"checkpoint": checkpoint, "views": [views.start, views.end], "align_visible": v, "align_masked": z})
+                );
             } else {
                 println!("alignment on views {}..{}: visible (+CLS) mean cosine {v:.4}, masked {z:.4}", views.start, views.end);
             }

@@ -22,4 +22,4 @@ pub mod optim;
 mod train;
 
 pub use error::{Result, TrainError};
-pub use train::{LoadedModel, alignment, Metrics, RunOptions, TrainConfig, TrainSummary, latest_checkpoint, load_checkpoint, run_train};
+pub use train::{LoadedModel, Metrics, RunOptions, TrainConfig, TrainSummary, alignment, latest_checkpoint, load_checkpoint, run_train};

@@ -115,18 +115,26 @@ impl DataSource {
         if !data.is_dir() {
             return Err(TrainError::Config(format!("--data {}: not a folder", data.display())));
         }
+        // Shard by shard, so only one index part is decoded at a time; each
+        // image keeps its path once and its views' parameters.
         let mut images: Vec<ImageViews> = Vec::new();
-        for row in store.index()? {
-            if views.as_ref().is_some_and(|r| !r.contains(&row.view)) {
-                continue;
-            }
-            match images.last_mut() {
-                Some(iv) if iv.image_id == row.image_id => iv.views.push((row.view, row.params)),
-                _ => images.push(ImageViews { image_id: row.image_id, path: row.path, views: vec![(row.view, row.params)] }),
+        for shard in 0..m.layout.num_shards {
+            for row in store.index_of(shard)? {
+                if views.as_ref().is_some_and(|r| !r.contains(&row.view)) {
+                    continue;
+                }
+                match images.last_mut() {
+                    Some(iv) if iv.image_id == row.image_id => iv.views.push((row.view, row.params)),
+                    _ => images.push(ImageViews { image_id: row.image_id, path: row.path, views: vec![(row.view, row.params)] }),
+                }
             }
         }
+        images.shrink_to_fit();
         if images.is_empty() {
-            return Err(bad(format!("it holds no views{}", views.map(|r| format!(" numbered {}..{}", r.start, r.end)).unwrap_or_default())));
+            return Err(bad(format!(
+                "it holds no views{}",
+                views.map(|r| format!(" numbered {}..{}", r.start, r.end)).unwrap_or_default()
+            )));
         }
         Ok(Self { store: Arc::new(store), data: data.to_owned(), images })
     }

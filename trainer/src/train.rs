@@ -427,14 +427,29 @@ pub fn load_checkpoint(path: &Path, device: tch::Device) -> Result<LoadedModel> 
 ///
 /// # Errors
 /// Store, data or model errors.
-pub fn alignment(loaded: &LoadedModel, store: &Path, data: &Path, views: std::ops::Range<u32>, batch: usize, threads: usize) -> Result<(f64, f64)> {
+pub fn alignment(
+    loaded: &LoadedModel,
+    store: &Path,
+    data: &Path,
+    views: std::ops::Range<u32>,
+    batch: usize,
+    threads: usize,
+) -> Result<(f64, f64)> {
     let cfg = &loaded.config;
     let grid = cfg.model.grid() as usize;
     let source = Arc::new(DataSource::open(store, data, cfg.model.image_size as u32, Some(views))?);
     let batch = batch.min(source.num_images()).max(1);
     let steps = source.steps_per_epoch(batch);
     let masks = MaskGenerator::new(grid, grid, cfg.num_masked, cfg.masking);
-    let lc = LoaderConfig { batch, seed: cfg.seed ^ 0xa11_9e, threads, prefetch: 2, image_size: cfg.model.image_size as u32, grid, teacher_inputs: false };
+    let lc = LoaderConfig {
+        batch,
+        seed: cfg.seed ^ 0x000a_119e,
+        threads,
+        prefetch: 2,
+        image_size: cfg.model.image_size as u32,
+        grid,
+        teacher_inputs: false,
+    };
     let rx = source.stream(lc, masks, 0, steps);
     let dim = i64::from(source.store().manifest().teacher.dim);
     let (b, s, np, nm) = (batch as i64, cfg.model.image_size, (grid * grid) as i64, cfg.num_masked as i64);
