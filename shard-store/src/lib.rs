@@ -32,4 +32,4 @@ pub use grid::resample_grid;
 pub use index::{IndexRow, read_index, schema as index_schema};
 pub use manifest::{DatasetInfo, FORMAT_VERSION, Layout, MANIFEST_FILE, Manifest, TeacherInfo, ViewsInfo};
 pub use shard::{Entry, FOOTER_LEN, HEADER_LEN, RECORD_ALIGN, ShardHeader, ShardReader, ShardWriter};
-pub use store::{ShardClaim, ShardReport, Skipped, Store, StorePaths, StoreWriter, TargetsRef};
+pub use store::{ShardClaim, ShardReport, Skipped, Store, StorePaths, StoreWriter, TargetsRef, write_file_atomic};

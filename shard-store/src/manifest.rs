@@ -171,6 +171,21 @@ impl Manifest {
         out
     }
 
+    /// The header every shard `s` of this store must carry.
+    pub fn shard_header(&self, s: u32) -> crate::shard::ShardHeader {
+        let range = self.layout.images_of(s, self.dataset.num_images);
+        crate::shard::ShardHeader {
+            codec: self.codec,
+            shard_index: s,
+            views_per_image: self.views.views_per_image,
+            first_image: range.start,
+            num_images: (range.end - range.start) as u32,
+            tokens: self.teacher.tokens,
+            dim: self.teacher.dim,
+            store_id: self.store_id_bytes(),
+        }
+    }
+
     /// Target values per view (`tokens * dim`).
     pub fn values_per_view(&self) -> usize {
         self.teacher.tokens as usize * self.teacher.dim as usize

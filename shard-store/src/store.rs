@@ -20,7 +20,7 @@ use crate::codec::Codec;
 use crate::error::{Result, StoreError, io};
 use crate::index::{IndexRow, read_index, write_index};
 use crate::manifest::Manifest;
-use crate::shard::{ShardHeader, ShardReader, ShardWriter};
+use crate::shard::{ShardReader, ShardWriter};
 
 /// An image that was not stored, and why.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -88,6 +88,14 @@ impl StorePaths {
 /// fsync a directory so that renames inside it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir, "fsync folder"))
+}
+
+/// Write `bytes` to `path` atomically (see [`atomic_write`]); returns the size.
+///
+/// # Errors
+/// IO errors naming `path`; nothing appears under `path` on failure.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<u64> {
+    atomic_write(path, |mut f| f.write_all(bytes).map_err(io(path, "write")))
 }
 
 /// Write a file atomically: a temporary file beside `path`, fsynced, renamed.
@@ -224,19 +232,7 @@ impl ShardClaim<'_> {
     /// # Errors
     /// IO errors.
     pub fn writer(&self) -> Result<ShardWriter> {
-        let m = &self.store.manifest;
-        let range = m.layout.images_of(self.shard, m.dataset.num_images);
-        let header = ShardHeader {
-            codec: m.codec,
-            shard_index: self.shard,
-            views_per_image: m.views.views_per_image,
-            first_image: range.start,
-            num_images: (range.end - range.start) as u32,
-            tokens: m.teacher.tokens,
-            dim: m.teacher.dim,
-            store_id: m.store_id_bytes(),
-        };
-        ShardWriter::create(&self.store.paths.shard(self.shard), header)
+        ShardWriter::create(&self.store.paths.shard(self.shard), self.store.manifest.shard_header(self.shard))
     }
 
     /// Commit the shard: index part, then shard file, then the report, each
@@ -252,7 +248,7 @@ impl ShardClaim<'_> {
         report.shard_bytes = writer.finish()?;
         let done = p.done(self.shard);
         let json = serde_json::to_vec_pretty(&report).map_err(|source| StoreError::Json { path: done.clone(), source })?;
-        atomic_write(&done, |mut f| f.write_all(&json).map_err(io(&done, "write report")))?;
+        write_file_atomic(&done, &json)?;
         Ok(report)
     }
 }
@@ -368,19 +364,8 @@ impl Store {
         }
         let path = self.paths.shard(s);
         let r = ShardReader::open(&path)?;
-        let m = &self.manifest;
-        let range = m.layout.images_of(s, m.dataset.num_images);
         let h = r.header();
-        let expect = ShardHeader {
-            codec: m.codec,
-            shard_index: s,
-            views_per_image: m.views.views_per_image,
-            first_image: range.start,
-            num_images: (range.end - range.start) as u32,
-            tokens: m.teacher.tokens,
-            dim: m.teacher.dim,
-            store_id: m.store_id_bytes(),
-        };
+        let expect = self.manifest.shard_header(s);
         if *h != expect {
             return Err(StoreError::Corrupt {
                 path,

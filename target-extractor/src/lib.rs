@@ -23,4 +23,4 @@ mod teacher;
 pub use dataset::{Dataset, IMAGE_EXTENSIONS, ImageFile};
 pub use error::{ExtractError, Result};
 pub use extract::{ExtractConfig, ExtractSummary, build_manifest, run_extract};
-pub use teacher::{ClipModel, Teacher, TeacherSpec, deps_dir, environment, models_dir, ort_library, sha256_file};
+pub use teacher::{ClipModel, Teacher, TeacherSpec, deps_dir, environment, models_dir, ort_library, parse_triple, sha256_file};

@@ -152,7 +152,8 @@ impl std::fmt::Debug for Teacher {
     }
 }
 
-fn parse_triple(s: &str) -> Option<[f32; 3]> {
+/// Parse `"R,G,B"` (three comma-separated numbers) as in `caev2.mean`.
+pub fn parse_triple(s: &str) -> Option<[f32; 3]> {
     let v: Vec<f32> = s.split(',').map(|x| x.trim().parse().ok()).collect::<Option<_>>()?;
     (v.len() == 3).then(|| [v[0], v[1], v[2]])
 }

@@ -106,6 +106,11 @@ pub fn imagenet_photos(n: usize) -> Vec<(String, PathBuf)> {
     out
 }
 
+/// An ImageNet-style folder `data` holding the first `n` ImageNet photos.
+pub fn imagenet_dataset(data: &Path, n: usize) {
+    make_dataset(data, &imagenet_photos(n).iter().map(|(c, p)| (c.as_str(), p.clone())).collect::<Vec<_>>());
+}
+
 /// Teacher targets of every stored view of `store`, recomputed
 /// independently by the Python reference pipeline (Pillow + onnxruntime).
 /// Returns `(index rows, values)` in index order.

@@ -227,7 +227,7 @@ fn s_static(p: PathBuf) -> &'static str {
 /// An uninterrupted run of the real teacher over 6 photos, 6 shards.
 fn reference_store(tmp: &Path) -> (PathBuf, PathBuf) {
     let data = tmp.join("data");
-    make_dataset(&data, &imagenet_photos(6).iter().map(|(c, p)| (c.as_str(), p.clone())).collect::<Vec<_>>());
+    imagenet_dataset(&data, 6);
     let out = tmp.join("reference");
     run_ok(&dinov2_args(s(&data), s(&out)));
     (data, out)
@@ -300,7 +300,7 @@ fn concurrent_runs_and_worker_splits_build_the_same_store() {
 fn real_teacher_targets_are_semantic_and_match_python() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = tmp.path().join("data");
-    make_dataset(&data, &imagenet_photos(3).iter().map(|(c, p)| (c.as_str(), p.clone())).collect::<Vec<_>>());
+    imagenet_dataset(&data, 3);
     let out = tmp.path().join("store");
     run_ok(&["extract", "--teacher", s(&dinov2()), "--data", s(&data), "--out", s(&out), "--views", "2", "--no-progress"]);
     let store = Store::open(&out).expect("open");
@@ -324,7 +324,7 @@ fn real_teacher_targets_are_semantic_and_match_python() {
 fn teacher_grid_larger_than_the_student_grid_is_recorded_and_resampled() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = tmp.path().join("data");
-    make_dataset(&data, &imagenet_photos(2).iter().map(|(c, p)| (c.as_str(), p.clone())).collect::<Vec<_>>());
+    imagenet_dataset(&data, 2);
     let at196 = tmp.path().join("s196");
     let at224 = tmp.path().join("s224");
     run_ok(&["extract", "--teacher", s(&dinov2()), "--data", s(&data), "--out", s(&at196), "--views", "2", "--no-progress"]);

@@ -149,7 +149,7 @@ fn killed_training_resumes_to_the_same_losses() {
 fn a_teacher_grid_other_than_the_students_is_mapped() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = tmp.path().join("data");
-    make_dataset(&data, &imagenet_photos(4).iter().map(|(c, p)| (c.as_str(), p.clone())).collect::<Vec<_>>());
+    imagenet_dataset(&data, 4);
     let store = tmp.path().join("s224");
     run_ok(&[
         "extract",

@@ -405,8 +405,7 @@ enum InspectCommand {
 }
 
 fn parse_triple(s: &str) -> Result<[f32; 3], String> {
-    let v: Vec<f32> = s.split(',').map(|x| x.trim().parse::<f32>().map_err(|e| format!("{x:?}: {e}"))).collect::<Result<_, _>>()?;
-    <[f32; 3]>::try_from(v).map_err(|v| format!("expected 3 comma-separated numbers, got {}", v.len()))
+    target_extractor::parse_triple(s).ok_or_else(|| format!("{s:?}: expected three comma-separated numbers R,G,B"))
 }
 
 fn parse_range(s: &str) -> Result<Range<u32>, String> {
@@ -515,13 +514,10 @@ fn run_train_cmd(a: TrainArgs) -> Result<ExitCode> {
         (None, Some(r)) => (r * patches as f64).round() as usize,
         (None, None) => model.default_masked() as usize,
     };
-    let images = store
-        .index()?
-        .iter()
-        .filter(|r| a.train_views.is_none_or(|n| r.view < n))
-        .map(|r| r.image_id)
-        .collect::<std::collections::BTreeSet<_>>()
-        .len() as u64;
+    // Every stored image has all K views, so the images with a view in
+    // 0..train_views are those not skipped (read from the shard reports,
+    // not the whole index; the loader reads the index once more anyway).
+    let images = tools::inspect::summary(&a.shards)?.images_stored;
     let steps_per_epoch = (images / a.batch.max(1) as u64).max(1);
     let steps = a.steps.unwrap_or(a.epochs.unwrap_or(300) * steps_per_epoch);
     drop(store);

@@ -119,13 +119,6 @@ struct CheckpointState {
     seed: u64,
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(TrainError::io(&tmp, "write"))?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(TrainError::io(&tmp, "fsync"))?;
-    std::fs::rename(&tmp, path).map_err(TrainError::io(path, "rename into place"))
-}
-
 /// Save model, optimiser and position as `checkpoints/step-NNNNNNNN/`, then
 /// point `checkpoints/latest` at it; keeps the two newest.
 fn save_checkpoint(out: &Path, vs: &nn::VarStore, opt: &AdamW, step: u64, seed: u64) -> Result<PathBuf> {
@@ -146,7 +139,7 @@ fn save_checkpoint(out: &Path, vs: &nn::VarStore, opt: &AdamW, step: u64, seed: 
     let final_dir = dir.join(&name);
     let _ = std::fs::remove_dir_all(&final_dir);
     std::fs::rename(&tmp, &final_dir).map_err(TrainError::io(&final_dir, "rename checkpoint"))?;
-    write_atomic(&dir.join("latest"), name.as_bytes())?;
+    shard_store::write_file_atomic(&dir.join("latest"), name.as_bytes())?;
     let mut old: Vec<PathBuf> = std::fs::read_dir(&dir)
         .map_err(TrainError::io(&dir, "list"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -230,7 +223,7 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             opts.out.display()
         )));
     } else {
-        write_atomic(&cfg_path, &cfg_json)?;
+        shard_store::write_file_atomic(&cfg_path, &cfg_json)?;
     }
 
     tch::manual_seed(cfg.seed as i64);
@@ -258,9 +251,9 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             .filter(|l| serde_json::from_str::<Metrics>(l).is_ok_and(|m| m.step <= start))
             .map(|l| format!("{l}\n"))
             .collect();
-        write_atomic(&metrics_path, kept.as_bytes())?;
+        shard_store::write_file_atomic(&metrics_path, kept.as_bytes())?;
     } else {
-        write_atomic(&metrics_path, b"")?;
+        shard_store::write_file_atomic(&metrics_path, b"")?;
     }
     let mut metrics_file =
         std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(TrainError::io(&metrics_path, "open metrics"))?;
