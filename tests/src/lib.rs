@@ -4,7 +4,7 @@
 //!
 //! The tests themselves are in `tests/tests/`. They run the real binary on
 //! real images with real ONNX teachers (a committed tiny ViT and the
-//! registry's DINOv2-style ViT-S/14).
+//! registry's DINOv2-style ViT-S/14 and EfficientNet-Lite0).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -33,6 +33,11 @@ pub fn fixture(rel: &str) -> PathBuf {
 /// The real DINOv2-style teacher.
 pub fn dinov2() -> PathBuf {
     dep("models/dinov2-vits14.onnx")
+}
+
+/// The semantic EfficientNet-Lite0 token teacher (7x7 + CLS at 224 px).
+pub fn effnet() -> PathBuf {
+    dep("models/efficientnet-lite0.onnx")
 }
 
 /// The tiny ViT fixture teacher.

@@ -321,6 +321,86 @@ fn real_teacher_targets_are_semantic_and_match_python() {
 }
 
 #[test]
+fn efficientnet_conversion_equals_numpy_and_classifies_imagenet_photos() {
+    // Convert the registry's weights again (with the classifier head) and run
+    // the converter's independent numpy forward pass next to the ONNX graph.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let onnx = tmp.path().join("effnet-logits.onnx");
+    let photos = imagenet_photos(20);
+    let labels = std::fs::read_to_string(dep("data/imagenet-mini-labels.tsv")).expect("labels");
+    let class_of = |wnid: &str| -> i64 {
+        labels
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{wnid}\t")))
+            .and_then(|r| r.split('\t').next())
+            .expect("wnid")
+            .parse()
+            .expect("index")
+    };
+    let mut cmd = Command::new(python());
+    cmd.arg(workspace().join("target-extractor/scripts/prepare_efficientnet_teacher.py"))
+        .arg(dep("weights/efficientnet-lite0-57934424.pth"))
+        .arg(&onnx)
+        .arg("--check");
+    for (_, p) in &photos {
+        cmd.arg(p);
+    }
+    let out = cmd.output().expect("run converter");
+    assert!(out.status.success(), "converter failed: {}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(j["tokens_shape"], serde_json::json!([20, 50, 320]), "CLS + 7x7 tokens of 320 channels at 224 px");
+    let (err, scale) = (j["max_token_err"].as_f64().expect("f64"), j["max_token_abs"].as_f64().expect("f64"));
+    eprintln!("ONNX vs numpy: max token error {err:.2e} (largest token value {scale:.1}), max logit error {}", j["max_logit_err"]);
+    assert!(err < 1e-4 * scale.max(1.0), "folded-BN ONNX tokens differ from the numpy forward by {err}");
+    assert!(j["max_logit_err"].as_f64().expect("f64") < 1e-3);
+    let top1: Vec<i64> = j["top5"].as_array().expect("rows").iter().map(|r| r[0].as_i64().expect("class")).collect();
+    let numpy_top1: Vec<i64> = j["top1_numpy"].as_array().expect("rows").iter().map(|v| v.as_i64().expect("class")).collect();
+    assert_eq!(top1, numpy_top1);
+    let correct = photos.iter().zip(&top1).filter(|((wnid, _), t)| class_of(wnid) == **t).count();
+    eprintln!("EfficientNet-Lite0 top-1 on the 20 foolbox ImageNet photos: {correct}/20");
+    assert!(correct >= 16, "top-1 {correct}/20: the converted classifier should recognise these ImageNet photos");
+    // the production teacher has the same tokens and the caev2 metadata
+    let tmp_store = tmp.path().join("store");
+    let data = tmp.path().join("data");
+    imagenet_dataset(&data, 2);
+    run_ok(&["extract", "--teacher", s(&effnet()), "--data", s(&data), "--out", s(&tmp_store), "--views", "1", "--no-progress"]);
+    let t = Store::open(&tmp_store).expect("open").manifest().teacher.clone();
+    assert_eq!((t.tokens, t.dim, t.grid, t.input_size, t.patch_size, t.has_cls), (50, 320, [7, 7], 224, 32, true));
+    assert_eq!((t.mean, t.std), ([0.498; 3], [0.502; 3]));
+}
+
+#[test]
+fn semantic_teacher_targets_match_python() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    imagenet_dataset(&data, 3);
+    let out = tmp.path().join("store");
+    run_ok(&[
+        "extract",
+        "--teacher",
+        s(&effnet()),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--views",
+        "2",
+        "--student-size",
+        "112",
+        "--no-progress",
+    ]);
+    let store = Store::open(&out).expect("open");
+    let (rows, reference) = python_targets(&store, &data, &effnet());
+    let dim = 320;
+    for (row, exp) in rows.iter().zip(reference.chunks_exact(50 * dim)) {
+        let ours = store.targets(row.image_id, row.view).expect("ok").expect("stored").to_vec();
+        let mean: f32 = ours.chunks(dim).zip(exp.chunks(dim)).map(|(a, b)| cosine(a, b)).sum::<f32>() / 50.0;
+        eprintln!("{} view {}: mean token cosine {mean:.6} vs Python", row.path, row.view);
+        assert!(mean > 0.999, "{} view {}: mean token cosine {mean} vs Pillow+onnxruntime", row.path, row.view);
+    }
+}
+
+#[test]
 fn teacher_grid_larger_than_the_student_grid_is_recorded_and_resampled() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = tmp.path().join("data");

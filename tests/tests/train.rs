@@ -232,3 +232,84 @@ fn unusable_stores_and_settings_are_refused_with_a_reason() {
     args.extend(["--live-teacher", s(&t)]);
     assert!(fail(&args).contains("is not the store's teacher"));
 }
+
+#[test]
+fn a_112_px_student_on_the_semantic_teacher_grid_beats_its_floor_on_a_held_out_view() {
+    // EfficientNet-Lite0 gives CLS + 7x7 tokens at 224 px; a store made for a
+    // 112 px student trains a /16 ViT on the same 7x7 grid, no resampling.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = dep("data/imagenet-mini");
+    let store = tmp.path().join("store");
+    run_ok(&[
+        "extract",
+        "--teacher",
+        s(&effnet()),
+        "--data",
+        s(&data),
+        "--out",
+        s(&store),
+        "--views",
+        "2",
+        "--student-size",
+        "112",
+        "--no-progress",
+    ]);
+    let run = tmp.path().join("run");
+    run_ok(&[
+        "train",
+        "--shards",
+        s(&store),
+        "--data",
+        s(&data),
+        "--out",
+        s(&run),
+        "--model",
+        "tiny",
+        "--batch",
+        "8",
+        "--steps",
+        "60",
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        "5",
+        "--train-views",
+        "1",
+        "--threads",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]);
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).expect("config")).expect("json");
+    assert_eq!(cfg["model"]["image_size"], 112, "the student's size comes from the store");
+    assert_eq!(cfg["num_masked"], 7, "15 % of 49 patches");
+    let out = run_ok(&["eval", "align", "--checkpoint", s(&run), "--views", "1..2", "--json"]);
+    let j: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let (v, rv) = (j["align_visible"].as_f64().expect("v"), j["random_visible"].as_f64().expect("random v"));
+    let (z, rz) = (j["align_masked"].as_f64().expect("z"), j["random_masked"].as_f64().expect("random z"));
+    eprintln!("held-out view alignment: visible {v:.3} (step 0: {rv:.3}), masked {z:.3} (step 0: {rz:.3})");
+    assert!(v > rv + 0.2 && z > rz + 0.2, "training must align the held-out view far better than the initial student");
+    // the random-init floor of k-NN is built at the checkpoint's size
+    let labels = dep("data/imagenet-mini-labels.tsv");
+    let knn = run_ok(&[
+        "eval",
+        "knn",
+        "--data",
+        s(&data),
+        "--labels",
+        s(&labels),
+        "--label-column",
+        "kind",
+        "--checkpoint",
+        s(&run),
+        "--k",
+        "5",
+        "--folds",
+        "4",
+        "--json",
+    ]);
+    let k: serde_json::Value = serde_json::from_str(&knn).expect("json");
+    let names: Vec<&str> = k["rows"].as_array().expect("rows").iter().map(|r| r["encoder"].as_str().expect("name")).collect();
+    assert!(names.iter().any(|n| n.contains("random-init vit_tiny_patch16_224 at 112 px")), "{names:?}");
+}

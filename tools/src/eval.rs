@@ -83,8 +83,8 @@ pub fn load_labelled(root: &Path, labels: Option<(&Path, &str)>) -> Result<Label
 pub enum EncoderSpec {
     /// A trainer checkpoint (or run folder).
     Checkpoint(PathBuf),
-    /// A randomly initialised student of this size and seed.
-    Random(Preset, u64),
+    /// A randomly initialised student: size, input pixels, seed.
+    Random(Preset, i64, u64),
     /// A teacher ONNX model.
     Teacher(PathBuf),
 }
@@ -94,7 +94,7 @@ impl EncoderSpec {
     pub fn name(&self) -> String {
         match self {
             Self::Checkpoint(p) => format!("checkpoint {}", p.display()),
-            Self::Random(p, s) => format!("random-init {} (seed {s})", p.timm_name()),
+            Self::Random(p, px, s) => format!("random-init {} at {px} px (seed {s})", p.timm_name()),
             Self::Teacher(p) => format!("teacher {}", p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()),
         }
     }
@@ -169,10 +169,12 @@ pub fn features(enc: &EncoderSpec, set: &Labelled, batch: usize, threads: usize)
                     let l = trainer::load_checkpoint(p, Device::Cpu)?;
                     (l.model, l.vs)
                 }
-                EncoderSpec::Random(preset, seed) => {
+                EncoderSpec::Random(preset, px, seed) => {
                     tch::manual_seed(*seed as i64);
                     let vs = nn::VarStore::new(Device::Cpu);
-                    (Cae2::new(&vs.root(), &ModelConfig::preset(*preset, 512)), vs)
+                    let mut cfg = ModelConfig::preset(*preset, 512);
+                    cfg.image_size = *px;
+                    (Cae2::new(&vs.root(), &cfg), vs)
                 }
                 EncoderSpec::Teacher(_) => unreachable!("handled above"),
             };

@@ -80,6 +80,9 @@ enum EvalCommand {
         /// Batch size.
         #[arg(long, default_value_t = 32)]
         batch: usize,
+        /// Skip the random-init floor (the run's student before its first step).
+        #[arg(long)]
+        no_random: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -103,6 +106,9 @@ struct EvalArgs {
     /// Also a random-init encoder of this size [default: the first checkpoint's].
     #[arg(long, value_parser = ["tiny", "small", "base", "large"])]
     random: Option<String>,
+    /// Input size of the random-init encoder [default: the first checkpoint's, else 224].
+    #[arg(long)]
+    random_size: Option<u32>,
     /// Skip the random-init floor.
     #[arg(long)]
     no_random: bool,
@@ -260,7 +266,8 @@ struct ExtractArgs {
     #[arg(long, value_name = "base16|large14", conflicts_with = "teacher", required_unless_present = "teacher")]
     clip: Option<String>,
     /// Any ONNX teacher with one input [B,3,S,S] and a [B,tokens,dim] output,
-    /// e.g. .deps/models/dinov2-vits14.onnx.
+    /// e.g. .deps/models/efficientnet-lite0.onnx (semantic, ImageNet) or
+    /// .deps/models/dinov2-vits14.onnx.
     #[arg(long, value_name = "FILE.onnx")]
     teacher: Option<PathBuf>,
     /// Folder of teacher models [default: $CAEV2_MODELS or .deps/models].
@@ -284,7 +291,9 @@ struct ExtractArgs {
     /// Seed of the view sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Student input size recorded with the views.
+    /// Student input size recorded with the views; `train` builds its
+    /// student for it (224: 14x14 patches of 16 px; 112: 7x7, the native grid
+    /// of the EfficientNet-Lite0 teacher, 4x cheaper steps).
     #[arg(long, default_value_t = 224)]
     student_size: u32,
     /// Teacher input size [default: the model's caev2.default_input_size].
@@ -502,6 +511,13 @@ fn run_train_cmd(a: TrainArgs) -> Result<ExitCode> {
     let m = store.manifest();
     let preset = Preset::parse(&a.model).with_context(|| format!("--model {}", a.model))?;
     let mut model = ModelConfig::preset(preset, i64::from(m.teacher.dim));
+    // The student's input size is the one the store's views were made for
+    // (224 px in the paper; 112 px pairs a /16 student with a 7x7 teacher grid).
+    let px = m.views.settings.student_size;
+    if px == 0 || i64::from(px) % model.patch_size != 0 {
+        bail!("{}: its views are for a {px} px student, not a multiple of the patch size {}", a.shards.display(), model.patch_size);
+    }
+    model.image_size = i64::from(px);
     if let Some(d) = a.regressor_depth {
         model.regressor_depth = d;
     }
@@ -594,7 +610,7 @@ fn run_train_cmd(a: TrainArgs) -> Result<ExitCode> {
         let set = load_labelled(data, a.eval_labels.as_deref().map(|p| (p, a.eval_label_column.as_str())))?;
         let ecfg =
             EvalConfig { knn: true, linear: false, k: 20, folds: 5, seed: a.seed, epochs: 0, lr: 0.0, batch: 32, threads: opts.threads };
-        let encoders = [EncoderSpec::Checkpoint(a.out.clone()), EncoderSpec::Random(cfg.model.preset, a.seed)];
+        let encoders = [EncoderSpec::Checkpoint(a.out.clone()), EncoderSpec::Random(cfg.model.preset, cfg.model.image_size, a.seed)];
         let rows = evaluate(&encoders, &set, &ecfg)?;
         let path = a.out.join("eval.json");
         let j = serde_json::json!({"data": data, "images": set.files.len(), "classes": set.classes, "folds": 5, "k": 20, "rows": rows});
@@ -612,13 +628,21 @@ fn run_eval_cmd(a: EvalArgs, knn: bool) -> Result<ExitCode> {
     let set = load_labelled(&a.data, a.labels.as_deref().map(|p| (p, a.label_column.as_str())))?;
     let mut encoders: Vec<EncoderSpec> = a.checkpoint.iter().cloned().map(EncoderSpec::Checkpoint).collect();
     if !a.no_random {
-        let preset = match (&a.random, a.checkpoint.first()) {
+        let first = match a.checkpoint.first() {
+            Some(c) => Some(trainer::load_checkpoint(c, tch::Device::Cpu)?.config.model),
+            None => None,
+        };
+        let preset = match (&a.random, &first) {
             (Some(r), _) => Preset::parse(r),
-            (None, Some(c)) => Some(trainer::load_checkpoint(c, tch::Device::Cpu)?.config.model.preset),
+            (None, Some(m)) => Some(m.preset),
             (None, None) => None,
         };
+        let px = a.random_size.map(i64::from).or(first.as_ref().map(|m| m.image_size)).unwrap_or(224);
+        if px == 0 || px % 16 != 0 {
+            bail!("--random-size {px}: must be a positive multiple of the patch size 16");
+        }
         if let Some(p) = preset {
-            encoders.push(EncoderSpec::Random(p, a.seed));
+            encoders.push(EncoderSpec::Random(p, px, a.seed));
         }
     }
     encoders.extend(a.teacher.iter().cloned().map(EncoderSpec::Teacher));
@@ -645,18 +669,31 @@ fn main() -> Result<ExitCode> {
     match cli.command {
         Command::Eval(EvalCommand::Knn(a)) => run_eval_cmd(a, true),
         Command::Eval(EvalCommand::Linear(a)) => run_eval_cmd(a, false),
-        Command::Eval(EvalCommand::Align { checkpoint, shards, data, views, batch, json }) => {
+        Command::Eval(EvalCommand::Align { checkpoint, shards, data, views, batch, no_random, json }) => {
             let loaded = trainer::load_checkpoint(&checkpoint, tch::Device::Cpu)?;
             let store = shards.unwrap_or_else(|| loaded.config.store.clone());
             let data = data.unwrap_or_else(|| loaded.config.data.clone());
             let (v, z) = trainer::alignment(&loaded, &store, &data, views.clone(), batch, cores())?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"checkpoint": checkpoint, "views": [views.start, views.end], "align_visible": v, "align_masked": z})
-                );
+            let floor = if no_random {
+                None
             } else {
-                println!("alignment on views {}..{}: visible (+CLS) mean cosine {v:.4}, masked {z:.4}", views.start, views.end);
+                let init = trainer::initial_model(&loaded, tch::Device::Cpu);
+                Some(trainer::alignment(&init, &store, &data, views.clone(), batch, cores())?)
+            };
+            if json {
+                let mut j =
+                    serde_json::json!({"checkpoint": checkpoint, "views": [views.start, views.end], "align_visible": v, "align_masked": z});
+                if let Some((rv, rz)) = floor {
+                    j["random_visible"] = rv.into();
+                    j["random_masked"] = rz.into();
+                }
+                println!("{j}");
+            } else {
+                println!("alignment on views {}..{} (mean cosine to the teacher's targets):", views.start, views.end);
+                println!("  checkpoint         visible (+CLS) {v:.4}, masked {z:.4}");
+                if let Some((rv, rz)) = floor {
+                    println!("  random-init floor  visible (+CLS) {rv:.4}, masked {rz:.4}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -22,4 +22,6 @@ pub mod optim;
 mod train;
 
 pub use error::{Result, TrainError};
-pub use train::{LoadedModel, Metrics, RunOptions, TrainConfig, TrainSummary, alignment, latest_checkpoint, load_checkpoint, run_train};
+pub use train::{
+    LoadedModel, Metrics, RunOptions, TrainConfig, TrainSummary, alignment, initial_model, latest_checkpoint, load_checkpoint, run_train,
+};

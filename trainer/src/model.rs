@@ -147,12 +147,33 @@ pub fn sincos_pos_embed(grid: i64, dim: i64) -> Tensor {
     Tensor::cat(&[Tensor::zeros([1, dim], (Kind::Float, tch::Device::Cpu)), pe], 0)
 }
 
+/// `trunc_normal_(t, std=std)` as the released CAE code calls it: a normal
+/// of mean 0 and the given std, truncated at **one** std (`a=-std, b=std`),
+/// sampled by inverse CDF like timm's `trunc_normal_`.
 fn trunc_normal(p: &nn::Path, name: &str, dims: &[i64], std: f64) -> Tensor {
-    let init = (Tensor::randn(dims, (Kind::Float, tch::Device::Cpu)) * std).clamp(-2.0 * std, 2.0 * std);
-    p.var_copy(name, &init.to_device(p.device()))
+    p.var_copy(name, &trunc_normal_values(dims, std).to_device(p.device()))
 }
 
-/// A linear layer with timm-style init (trunc-normal 0.02, zero bias).
+fn trunc_normal_values(dims: &[i64], std: f64) -> Tensor {
+    // 2 Phi(1) - 1 = erf(1 / sqrt 2) = P(|Z| < 1): the uniform range whose
+    // erfinv is a standard normal truncated at one std.
+    const HI: f64 = 0.682_689_492_137_085_9;
+    let u = Tensor::empty(dims, (Kind::Float, tch::Device::Cpu)).uniform_(-HI, HI);
+    (u.erfinv() * (std * std::f64::consts::SQRT_2)).clamp(-std, std)
+}
+
+/// Per-block drop-path rates `torch.linspace(0, max, depth)` (so `[0]` for
+/// one block), as the released encoder and regressor build them.
+pub fn drop_path_rates(max: f64, depth: i64) -> Vec<f64> {
+    match depth {
+        d if d <= 0 => Vec::new(),
+        1 => vec![0.0],
+        d => (0..d).map(|i| max * i as f64 / (d - 1) as f64).collect(),
+    }
+}
+
+/// A linear layer initialised as the released model re-initialises every
+/// `nn.Linear` after construction: xavier-uniform weight, zero bias.
 #[derive(Debug)]
 pub struct Linear {
     /// `[out, in]`.
@@ -163,7 +184,8 @@ pub struct Linear {
 
 impl Linear {
     fn new(p: nn::Path, din: i64, dout: i64, bias: bool) -> Self {
-        let ws = trunc_normal(&p, "weight", &[dout, din], 0.02);
+        let bound = (6.0 / (din + dout) as f64).sqrt();
+        let ws = p.var("weight", &[dout, din], nn::Init::Uniform { lo: -bound, up: bound });
         let bs = bias.then(|| p.zeros("bias", &[dout]));
         Self { ws, bs }
     }
@@ -339,15 +361,18 @@ impl Cae2 {
     pub fn new(root: &nn::Path, cfg: &ModelConfig) -> Self {
         let d = cfg.width;
         let dr = cfg.regressor_width;
-        let patch_embed = nn::conv2d(
+        // conv weight: trunc-normal(0.02) at one std, bias 0 (the encoder's `_init_weights`)
+        let mut patch_embed = nn::conv2d(
             root / "patch_embed" / "proj",
             3,
             d,
             cfg.patch_size,
-            nn::ConvConfig { stride: cfg.patch_size, ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.02 }, ..Default::default() },
+            nn::ConvConfig { stride: cfg.patch_size, ws_init: nn::Init::Const(0.0), ..Default::default() },
         );
-        let dpr: Vec<f64> =
-            (0..cfg.depth).map(|i| if cfg.depth > 1 { cfg.drop_path * i as f64 / (cfg.depth - 1) as f64 } else { cfg.drop_path }).collect();
+        let w = trunc_normal_values(&patch_embed.ws.size(), 0.02).to_device(root.device());
+        tch::no_grad(|| patch_embed.ws.copy_(&w));
+        let dpr = drop_path_rates(cfg.drop_path, cfg.depth);
+        let rdpr = drop_path_rates(cfg.drop_path, cfg.regressor_depth);
         let blocks = (0..cfg.depth)
             .map(|i| Block::new(root / "blocks" / i, d, cfg.heads, cfg.mlp_ratio, cfg.layer_scale_init, dpr[i as usize]))
             .collect();
@@ -361,7 +386,7 @@ impl Cae2 {
                     cfg.regressor_heads,
                     cfg.mlp_ratio,
                     cfg.layer_scale_init,
-                    cfg.drop_path,
+                    rdpr[i as usize],
                 )
             })
             .collect();
@@ -416,39 +441,57 @@ impl Cae2 {
     /// Full pretraining forward: encoder on visible patches, regressor for
     /// the masked ones, shared head on both.
     pub fn forward(&self, images: &Tensor, visible: &Tensor, masked: &Tensor, train: bool) -> Output {
-        let latent = self.encode(images, visible, train);
+        self.regress_and_head(&self.encode(images, visible, train), visible, masked, train)
+    }
+
+    /// Everything after the encoder: `latent [B, 1 + Nv, width]` (CLS first)
+    /// -> projection to the regressor width -> regressor over the masked
+    /// positions -> shared head. As in the released code, the CLS latent is
+    /// dropped before the regressor (its keys and values are the visible
+    /// patch latents and the current queries) and only feeds the head.
+    pub fn regress_and_head(&self, latent: &Tensor, visible: &Tensor, masked: &Tensor, train: bool) -> Output {
         let latent = match &self.enc_to_reg {
-            Some((lin, ln)) => ln.forward(&lin.forward(&latent)),
-            None => latent,
+            Some((lin, ln)) => ln.forward(&lin.forward(latent)),
+            None => latent.shallow_clone(),
         };
         let dr = self.cfg.regressor_width;
         let b = latent.size()[0];
         let nm = masked.size()[1];
-        let pos = self.reg_pos.expand([b, -1, -1], false);
-        let patch_pos = pos.narrow(1, 1, self.cfg.num_patches());
-        let pos_vis =
-            Tensor::cat(&[pos.narrow(1, 0, 1), patch_pos.gather(1, &visible.unsqueeze(-1).expand([-1, -1, dr], false), false)], 1);
+        let patch_pos = self.reg_pos.narrow(1, 1, self.cfg.num_patches()).expand([b, -1, -1], false);
+        let pos_visible = patch_pos.gather(1, &visible.unsqueeze(-1).expand([-1, -1, dr], false), false);
         let pos_masked = patch_pos.gather(1, &masked.unsqueeze(-1).expand([-1, -1, dr], false), false);
-        let pos_kv = Tensor::cat(&[&pos_vis, &pos_masked], 1);
+        let pos_kv = Tensor::cat(&[&pos_visible, &pos_masked], 1);
+        let visible_patches = latent.narrow(1, 1, latent.size()[1] - 1);
         let mut q = self.mask_token.expand([b, nm, dr], false).contiguous();
         for blk in &self.regressor {
-            let kv = Tensor::cat(&[&latent, &q], 1);
+            let kv = Tensor::cat(&[&visible_patches, &q], 1);
             q = blk.forward(&q, &kv, &pos_masked, &pos_kv, train);
         }
         Output { visible: self.head(&latent), masked: self.head(&q) }
     }
+
+    /// The drop-path rate of every encoder block and every regressor block.
+    pub fn drop_path_rates(&self) -> (Vec<f64>, Vec<f64>) {
+        (self.blocks.iter().map(|b| b.drop_path).collect(), self.regressor.iter().map(|b| b.drop_path).collect())
+    }
 }
 
-/// Whether a parameter gets weight decay: matrices and convolution kernels
-/// do; biases, norms, layer-scale gammas (all 1-D) and the CLS / mask tokens
-/// do not (REFERENCE.md, "Optimisation").
-pub fn decays(name: &str, t: &Tensor) -> bool {
-    t.dim() >= 2 && !name.ends_with("cls_token") && !name.ends_with("mask_token") && !name.ends_with("pos_embed")
+/// Whether a parameter gets weight decay, as in the released code (BEiT's
+/// `get_parameter_groups` with the top-level model's empty skip list):
+/// everything of rank >= 2 decays, the CLS and mask tokens included; 1-D
+/// parameters (biases, norms, layer-scale gammas) do not. The position
+/// embeddings are fixed buffers, never parameters (REFERENCE.md, "Optimisation").
+pub fn decays(_name: &str, t: &Tensor) -> bool {
+    t.dim() >= 2
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dbl(t: Tensor) -> f64 {
+        t.double_value(&[])
+    }
 
     #[test]
     fn shapes_for_every_preset() {
@@ -498,28 +541,118 @@ mod tests {
     }
 
     #[test]
-    fn weight_decay_groups() {
+    fn weight_decay_groups_follow_the_released_code() {
         let vs = nn::VarStore::new(tch::Device::Cpu);
         let _m = Cae2::new(&vs.root(), &ModelConfig::preset(Preset::Tiny, 512));
         let vars = vs.variables();
         let decay = |n: &str| decays(n, &vars[n]);
-        for n in
-            ["blocks.0.attn.qkv.weight", "blocks.3.mlp.fc1.weight", "patch_embed.proj.weight", "head.proj.weight", "enc_to_reg.proj.weight"]
-        {
+        // the released model has no top-level no-weight-decay list: the tokens decay
+        for n in [
+            "blocks.0.attn.qkv.weight",
+            "blocks.3.mlp.fc1.weight",
+            "patch_embed.proj.weight",
+            "head.proj.weight",
+            "enc_to_reg.proj.weight",
+            "regressor.blocks.0.cross_attn.k.weight",
+            "cls_token",
+            "regressor.mask_token",
+        ] {
             assert!(decay(n), "{n} should decay");
         }
         for n in [
             "blocks.0.attn.qkv.bias",
+            "patch_embed.proj.bias",
             "blocks.0.ls1.gamma",
             "norm.weight",
             "norm.bias",
-            "cls_token",
-            "regressor.mask_token",
             "head.norm.weight",
+            "regressor.blocks.0.cross_attn.q.bias",
+            "regressor.blocks.0.ls2.gamma",
         ] {
             assert!(!decay(n), "{n} should not decay");
         }
         assert!(vars.keys().all(|n| !n.contains("pos_embed")), "position embeddings are fixed, not parameters");
+    }
+
+    #[test]
+    fn cls_latent_is_not_a_regressor_key_or_value() {
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let mut cfg = ModelConfig::preset(Preset::Tiny, 64);
+        cfg.depth = 1;
+        cfg.regressor_depth = 2;
+        let m = Cae2::new(&vs.root(), &cfg);
+        let idx = Tensor::arange(196, (Kind::Int64, tch::Device::Cpu)).unsqueeze(0).repeat([2, 1]);
+        let (masked, visible) = (idx.narrow(1, 0, 30), idx.narrow(1, 30, 166));
+        let latent = Tensor::randn([2, 167, 192], (Kind::Float, tch::Device::Cpu));
+        let moved = latent.copy();
+        let _ = moved.narrow(1, 0, 1).fill_(7.0);
+        let (a, b) =
+            tch::no_grad(|| (m.regress_and_head(&latent, &visible, &masked, false), m.regress_and_head(&moved, &visible, &masked, false)));
+        assert_eq!(dbl((&a.masked - &b.masked).abs().max()), 0.0, "masked predictions ignore the CLS latent");
+        assert!(dbl((a.visible.narrow(1, 0, 1) - b.visible.narrow(1, 0, 1)).abs().max()) > 1e-3, "CLS still feeds the head");
+        // a visible patch latent does reach the masked predictions
+        let patch = latent.copy();
+        let _ = patch.narrow(1, 5, 1).fill_(7.0);
+        let c = tch::no_grad(|| m.regress_and_head(&patch, &visible, &masked, false));
+        assert!(dbl((&a.masked - &c.masked).abs().max()) > 1e-4);
+    }
+
+    #[test]
+    fn drop_path_rates_per_block() {
+        assert_eq!(drop_path_rates(0.1, 1), vec![0.0], "torch.linspace(0, 0.1, 1) == [0]");
+        let r4 = drop_path_rates(0.1, 4);
+        for (got, want) in r4.iter().zip([0.0, 0.1 / 3.0, 0.2 / 3.0, 0.1]) {
+            assert!((got - want).abs() < 1e-12, "{r4:?}");
+        }
+        assert!(drop_path_rates(0.1, 0).is_empty());
+        for (preset, reg) in [(Preset::Tiny, vec![0.0]), (Preset::Base, r4.clone())] {
+            let vs = nn::VarStore::new(tch::Device::Cpu);
+            let cfg = ModelConfig::preset(preset, 64);
+            let m = Cae2::new(&vs.root(), &cfg);
+            let (enc, got) = m.drop_path_rates();
+            assert_eq!(got, reg, "{preset:?} regressor");
+            assert_eq!(enc.len(), 12);
+            assert_eq!((enc[0], enc[11]), (0.0, 0.1), "{preset:?} encoder");
+        }
+    }
+
+    #[test]
+    fn initialisation_matches_the_released_code() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let _m = Cae2::new(&vs.root(), &ModelConfig::preset(Preset::Tiny, 512));
+        let vars = vs.variables();
+        let max = |t: &Tensor| dbl(t.abs().max());
+        let std = |t: &Tensor| dbl(t.std(true));
+        let mut linears = 0;
+        for (name, t) in &vars {
+            if name.ends_with(".weight") && t.dim() == 2 {
+                // xavier_uniform: U(-b, b), b = sqrt(6 / (fan_in + fan_out)); std b / sqrt 3
+                let (fo, fi) = (t.size()[0] as f64, t.size()[1] as f64);
+                let bound = (6.0 / (fi + fo)).sqrt();
+                assert!(max(t) <= bound, "{name}: {} > xavier bound {bound}", max(t));
+                assert!((std(t) / (bound / 3f64.sqrt()) - 1.0).abs() < 0.05, "{name}: std {} vs {}", std(t), bound / 3f64.sqrt());
+                let bias = name.replace(".weight", ".bias");
+                if let Some(b) = vars.get(&bias) {
+                    assert_eq!(max(b), 0.0, "{bias} starts at 0");
+                }
+                linears += 1;
+            }
+        }
+        // encoder 12 x 4 + enc_to_reg + regressor 1 x 6 (q, k, v, proj, fc1, fc2) + head
+        assert_eq!(linears, 12 * 4 + 1 + 6 + 1);
+        // tokens and the patch-embedding conv: normal(0.02) truncated at +-1 std
+        // (std of such a truncated normal: 0.02 * 0.5396)
+        for name in ["cls_token", "regressor.mask_token", "patch_embed.proj.weight"] {
+            let t = &vars[name];
+            assert!(max(t) <= 0.02 + 1e-9, "{name} truncated at one std");
+            assert!(max(t) > 0.015, "{name} is not degenerate");
+        }
+        let conv = &vars["patch_embed.proj.weight"];
+        assert!((std(conv) / (0.02 * 0.5396) - 1.0).abs() < 0.02, "conv std {}", std(conv));
+        assert_eq!(max(&vars["patch_embed.proj.bias"]), 0.0);
+        assert_eq!(dbl(vars["norm.weight"].min()), 1.0);
     }
 
     #[test]

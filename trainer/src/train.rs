@@ -414,6 +414,16 @@ pub fn load_checkpoint(path: &Path, device: tch::Device) -> Result<LoadedModel> 
     Ok(LoadedModel { config, vs, model })
 }
 
+/// The student of `loaded`'s run as it was before its first step: the same
+/// configuration, freshly initialised from the run's seed (the floor that
+/// alignment and k-NN numbers are compared with).
+pub fn initial_model(loaded: &LoadedModel, device: tch::Device) -> LoadedModel {
+    tch::manual_seed(loaded.config.seed as i64);
+    let vs = nn::VarStore::new(device);
+    let model = Cae2::new(&vs.root(), &loaded.config.model);
+    LoadedModel { config: loaded.config.clone(), vs, model }
+}
+
 /// Mean cosine between a student's predictions and the (L2-normalised)
 /// teacher targets on the stored views `views` (e.g. views held out with
 /// `train_views`): `(visible incl. CLS, masked)`, with the run's masking.
