@@ -8,11 +8,13 @@
 #   2. show and verify the store,
 #   3. train a ViT-Tiny student from the cached targets on the CPU,
 #   4. measure how well it predicts the teacher on a held-out view, next to
-#      the same student before training (the random-init floor),
-#   5. k-NN (animal vs object) of the teacher's own features against the
-#      majority rate, and of the student next to its floor,
-#   6. render one image's views with a PCA colouring of their targets,
-#   7. print a table of what happened. Every number is measured in this run.
+#      the same student before training (the random-init floor) and the
+#      teacher itself (1 by definition),
+#   5. render one image's views with a PCA colouring of their targets,
+#   6. print a table of what happened. Every number is measured in this run.
+# (k-NN on these 20 photos cannot tell a student from its floor: 13 of them
+# are objects, so chance is 65 %; RESULTS.md measures feature quality on
+# 1,000 ImageNet photos with `scripts/reproduce.sh`.)
 #
 #   scripts/run.sh [OUT_DIR]      (default: runs/demo)
 set -euo pipefail
@@ -39,29 +41,23 @@ $C train --shards "$OUT/store" --data "$DATA" --out "$OUT/train" --model tiny --
   --lr 1e-3 --warmup-steps 10 --checkpoint-every 100 --train-views 3
 $C plot "$OUT/train"
 echo; echo "== 4. held-out view: alignment with the teacher, trained vs the same student at step 0"
-$C eval align --checkpoint "$OUT/train" --views 3..4
-$C eval align --checkpoint "$OUT/train" --views 3..4 --json > "$OUT/align.json"
-echo; echo "== 5. k-NN (animal vs object, 4-fold cross-validation, k=5)"
-$C eval knn --data "$DATA" --labels "$CAEV2_SAMPLE_DATA/imagenet-mini-labels.tsv" --label-column kind \
-  --checkpoint "$OUT/train" --teacher "$TEACHER" --k 5 --folds 4 --out "$OUT/knn.json"
-echo; echo "== 6. render"
+$C eval align --checkpoint "$OUT/train" --views 3..4 --json | tee "$OUT/align.json"
+echo; echo "== 5. render"
 $C inspect render "$OUT/store" --image n02110341/imagenet_16_251.jpg --out "$OUT/views.png"
-echo; echo "== 7. what happened"
+echo; echo "== 6. what happened"
 "$CAEV2_PYTHON" - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
 ex = json.load(open(f"{out}/extract.json"))
 rows = [json.loads(l) for l in open(f"{out}/train/metrics.jsonl")]
 al = json.load(open(f"{out}/align.json"))
-knn = json.load(open(f"{out}/knn.json"))["rows"]
 first, last = rows[0], rows[-1]
-secs = sum(8 / r["images_per_sec"] for r in rows)
+secs = sum(16 / r["images_per_sec"] for r in rows)
 print(f"{'extract':<28} {ex['views_stored']} views of {ex['images']} images in {ex['seconds']:.1f} s ({ex['views_per_second']:.1f} views/s), {ex['bytes_written']/1e6:.1f} MB")
 print(f"{'train (ViT-Tiny, CPU)':<28} {len(rows)} steps in {secs:.0f} s; loss {first['loss']:.3f} -> {last['loss']:.3f} (l_v {last['loss_v']:.3f}, l_z {last['loss_z']:.3f})")
-print(f"{'held-out view alignment':<28} visible {al['align_visible']:.3f}, masked {al['align_masked']:.3f} (mean cosine to the teacher)")
-for r in knn:
-    print(f"{'k-NN ' + r['feature']:<28} {100*r['knn']:5.1f}%  {r['encoder']}")
-print(f"{'':<28} (20 photos, 13 objects / 7 animals: this k-NN shows the path works, not feature")
-print(f"{'':<28}  quality; RESULTS.md measures that on 1,000 ImageNet photos)")
-print(f"{'outputs':<28} {out}/train/curves.png, {out}/views.png, {out}/knn.json")
+print(f"{'held-out view (view 3)':<28} mean cosine to the teacher's targets, visible (+CLS) / masked:")
+print(f"{'  teacher':<28} 1.000 / 1.000  (its own targets)")
+print(f"{'  trained student':<28} {al['align_visible']:.3f} / {al['align_masked']:.3f}")
+print(f"{'  same student at step 0':<28} {al['random_visible']:.3f} / {al['random_masked']:.3f}")
+print(f"{'outputs':<28} {out}/train/curves.png, {out}/views.png, {out}/align.json")
 PY
