@@ -13,6 +13,8 @@
 #
 # Writes OUT/results.json and OUT/results.md (tables) and per-run folders
 # with metrics, checkpoints and curves. Every number is measured in the run.
+# Killed, it resumes: rerun with the same settings and it keeps the store and
+# every finished step of OUT/log.jsonl.
 # The defaults take about 75 min on 2 cores; EPOCHS=60 fits the 3 h budget.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,18 +32,24 @@ mkdir -p "$OUT/bin"
 # a private copy: rebuilding the workspace while this runs must not swap the binary under it
 cp target/release/caev2 "$OUT/bin/caev2"
 C="$OUT/bin/caev2"
-LOG="$OUT/log.jsonl"; : > "$LOG"
+LOG="$OUT/log.jsonl"
 note() { echo "$1" >> "$LOG"; }
 now() { date +%s.%N; }
-note "{\"what\": \"settings\", \"K\": $K, \"epochs\": $EPOCHS, \"batch\": $BATCH, \"lr\": $LR, \"model\": \"$MODEL\", \"student_size\": $STUDENT_SIZE, \"seeds\": \"$SEEDS\", \"teacher\": \"$TEACHER\"}"
-
-t0=$(now)
-rm -rf "$OUT/store"
-$C extract --teacher "$TEACHER" --data "$DATA" --out "$OUT/store" --views "$K" --batch 32 --student-size "$STUDENT_SIZE" \
-  --no-progress --json > "$OUT/extract.json"
-t1=$(now)
-note "{\"what\": \"extract\", \"seconds\": $(echo "$t1 - $t0" | bc), \"bytes\": $(du -sb "$OUT/store" | cut -f1)}"
-echo "extract done in $(echo "$t1 - $t0" | bc) s"
+logged() { [ -f "$LOG" ] && grep -q "$1" "$LOG"; }   # a step already done (the script resumes after a kill)
+SETTINGS="{\"what\": \"settings\", \"K\": $K, \"epochs\": $EPOCHS, \"batch\": $BATCH, \"lr\": $LR, \"model\": \"$MODEL\", \"student_size\": $STUDENT_SIZE, \"seeds\": \"$SEEDS\", \"teacher\": \"$TEACHER\"}"
+if ! logged "\"what\": \"extract\"" || ! grep -qF "$SETTINGS" "$LOG"; then
+  : > "$LOG"
+  note "$SETTINGS"
+  t0=$(now)
+  rm -rf "$OUT/store"
+  $C extract --teacher "$TEACHER" --data "$DATA" --out "$OUT/store" --views "$K" --batch 32 --student-size "$STUDENT_SIZE" \
+    --no-progress --json > "$OUT/extract.json"
+  t1=$(now)
+  note "{\"what\": \"extract\", \"seconds\": $(echo "$t1 - $t0" | bc), \"bytes\": $(du -sb "$OUT/store" | cut -f1)}"
+  echo "extract done in $(echo "$t1 - $t0" | bc) s"
+else
+  echo "resuming: store and $(grep -c '"what": "run"' "$LOG") finished runs kept (same settings)"
+fi
 
 HOLD="$((K-1))..$K"
 declare -A FLAGS=( [both]="" [lv_only]="--no-lz" [lz_only]="--no-lv" [mask50]="--mask-ratio 0.5" )
@@ -61,31 +69,40 @@ one_run() {  # variant seed: train, evaluate, log one line
 }
 # JOBS runs at a time with THREADS libtorch threads each: on 2 cores, two
 # single-threaded runs train ~35 % more images/s in all than one run on both.
-for variant in $VARIANTS; do
-  for seed in $SEEDS; do
+# Seed-major order, so an interrupted reproduction has every variant.
+for seed in $SEEDS; do
+  for variant in $VARIANTS; do
+    logged "\"variant\": \"$variant\", \"seed\": $seed," && continue
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
     one_run "$variant" "$seed" &
   done
 done
 wait
 for seed in $SEEDS; do
+  logged "\"what\": \"floor\", \"seed\": $seed," && continue
   knn=$($C eval knn --data "$DATA" --labels "$LABELS" --random "$MODEL" --random-size "$STUDENT_SIZE" --seed "$seed" --json | tr -d "\n")
   note "{\"what\": \"floor\", \"seed\": $seed, \"knn\": $knn}"
 done
-knn=$($C eval knn --data "$DATA" --labels "$LABELS" --teacher "$TEACHER" --no-random --json | tr -d "\n")
-note "{\"what\": \"teacher\", \"knn\": $knn}"
+if ! logged '"what": "teacher"'; then
+  knn=$($C eval knn --data "$DATA" --labels "$LABELS" --teacher "$TEACHER" --no-random --json | tr -d "\n")
+  note "{\"what\": \"teacher\", \"knn\": $knn}"
+fi
 # linear probe (BN without affine + linear, cross-validated) for the best
 # variant by mean k-NN, next to its random-init floor and the teacher
-best=$(.deps/py/bin/python scripts/summarize_repro.py "$OUT" --best)
-ckpts=(); for seed in $SEEDS; do ckpts+=(--checkpoint "$OUT/$best-s$seed"); done
-lin=$($C eval linear --data "$DATA" --labels "$LABELS" "${ckpts[@]}" --random-size "$STUDENT_SIZE" --teacher "$TEACHER" --json | tr -d "\n")
-note "{\"what\": \"linear\", \"variant\": \"$best\", \"result\": $lin}"
+if ! logged '"what": "linear"'; then
+  best=$(.deps/py/bin/python scripts/summarize_repro.py "$OUT" --best)
+  ckpts=(); for seed in $SEEDS; do ckpts+=(--checkpoint "$OUT/$best-s$seed"); done
+  lin=$($C eval linear --data "$DATA" --labels "$LABELS" "${ckpts[@]}" --random-size "$STUDENT_SIZE" --teacher "$TEACHER" --json | tr -d "\n")
+  note "{\"what\": \"linear\", \"variant\": \"$best\", \"result\": $lin}"
+fi
 # what the live teacher would have cost: the same run, 10 steps each way
-for mode in cached live; do
-  extra=""; [ $mode = live ] && extra="--live-teacher $TEACHER"
-  rm -rf "$OUT/cost-$mode"
-  $C train --shards "$OUT/store" --data "$DATA" --model "$MODEL" --out "$OUT/cost-$mode" --batch "$BATCH" --steps 10 \
-    --lr "$LR" --warmup-steps 5 --train-views "$((K-1))" --checkpoint-every 1000000 --no-progress $extra > /dev/null
-done
-note "{\"what\": \"cost\", \"cached\": \"$OUT/cost-cached\", \"live\": \"$OUT/cost-live\"}"
+if ! logged '"what": "cost"'; then
+  for mode in cached live; do
+    extra=""; [ $mode = live ] && extra="--live-teacher $TEACHER"
+    rm -rf "$OUT/cost-$mode"
+    $C train --shards "$OUT/store" --data "$DATA" --model "$MODEL" --out "$OUT/cost-$mode" --batch "$BATCH" --steps 10 \
+      --lr "$LR" --warmup-steps 5 --train-views "$((K-1))" --checkpoint-every 1000000 --no-progress $extra > /dev/null
+  done
+  note "{\"what\": \"cost\", \"cached\": \"$OUT/cost-cached\", \"live\": \"$OUT/cost-live\"}"
+fi
 .deps/py/bin/python scripts/summarize_repro.py "$OUT"

@@ -195,7 +195,9 @@ fn a_teacher_grid_other_than_the_students_is_mapped() {
 fn unusable_stores_and_settings_are_refused_with_a_reason() {
     let tmp = tempfile::tempdir().expect("tmp");
     let (data, _) = store();
-    let other = tmp.path().join("s160");
+    // the student is built for the store's --student-size; one that is not a
+    // multiple of the patch size cannot be
+    let other = tmp.path().join("s120");
     run_ok(&[
         "extract",
         "--teacher",
@@ -207,7 +209,7 @@ fn unusable_stores_and_settings_are_refused_with_a_reason() {
         "--views",
         "1",
         "--student-size",
-        "160",
+        "120",
         "--no-progress",
     ]);
     let fail = |args: &[&str]| {
@@ -217,7 +219,7 @@ fn unusable_stores_and_settings_are_refused_with_a_reason() {
     };
     let run_dir = tmp.path().join("r");
     let e = fail(&["train", "--shards", s(&other), "--data", s(data), "--out", s(&run_dir), "--steps", "1", "--batch", "2"]);
-    assert!(e.contains("160 px") && e.contains("224 px"), "{e}");
+    assert!(e.contains("120 px") && e.contains("patch size 16"), "{e}");
     // resuming with other settings
     let run2 = tmp.path().join("r2");
     run_ok(&train_args(s(&run2), "2"));
