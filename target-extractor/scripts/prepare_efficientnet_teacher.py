@@ -37,9 +37,8 @@ import numpy as np
 
 BN_EPS = 1e-3
 MEAN, STD = 0.498, 0.502
-# (block index, stride) of the blocks that downsample; all others have stride 1
+# indices of the MBConv blocks with stride 2 (EfficientNet-B0/Lite0 layout); all others have stride 1
 STRIDE2 = {1, 3, 5, 11}
-PREFIX = "efficientnet-lite0"
 
 # ---- legacy torch pickle reader ------------------------------------------------
 _DTYPES = {
