@@ -61,7 +61,7 @@ one_run() {  # variant seed: train, evaluate, log one line
     --lr "$LR" --seed "$seed" --train-views "$((K-1))" --checkpoint-every 1000000 --threads "$THREADS" --no-progress \
     ${FLAGS[$variant]} > /dev/null
   t1=$(now)
-  align=$($C eval align --checkpoint "$run" --views "$HOLD" --json | tr -d "\n")
+  align=$($C eval align --checkpoint "$run" --views "$HOLD" --threads "$THREADS" --json | tr -d "\n")
   knn=$($C eval knn --data "$DATA" --labels "$LABELS" --checkpoint "$run" --no-random --threads "$THREADS" --json | tr -d "\n")
   $C plot "$run" > /dev/null
   note "{\"what\": \"run\", \"variant\": \"$variant\", \"seed\": $seed, \"train_seconds\": $(echo "$t1 - $t0" | bc), \"align\": $align, \"knn\": $knn}"

@@ -286,7 +286,7 @@ fn a_112_px_student_on_the_semantic_teacher_grid_beats_its_floor_on_a_held_out_v
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).expect("config")).expect("json");
     assert_eq!(cfg["model"]["image_size"], 112, "the student's size comes from the store");
     assert_eq!(cfg["num_masked"], 7, "15 % of 49 patches");
-    let out = run_ok(&["eval", "align", "--checkpoint", s(&run), "--views", "1..2", "--json"]);
+    let out = run_ok(&["eval", "align", "--checkpoint", s(&run), "--views", "1..2", "--threads", "2", "--json"]);
     let j: serde_json::Value = serde_json::from_str(&out).expect("json");
     let (v, rv) = (j["align_visible"].as_f64().expect("v"), j["random_visible"].as_f64().expect("random v"));
     let (z, rz) = (j["align_masked"].as_f64().expect("z"), j["random_masked"].as_f64().expect("random z"));

@@ -83,6 +83,9 @@ enum EvalCommand {
         /// Skip the random-init floor (the run's student before its first step).
         #[arg(long)]
         no_random: bool,
+        /// libtorch and loader threads [default: all cores].
+        #[arg(long)]
+        threads: Option<usize>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -669,16 +672,18 @@ fn main() -> Result<ExitCode> {
     match cli.command {
         Command::Eval(EvalCommand::Knn(a)) => run_eval_cmd(a, true),
         Command::Eval(EvalCommand::Linear(a)) => run_eval_cmd(a, false),
-        Command::Eval(EvalCommand::Align { checkpoint, shards, data, views, batch, no_random, json }) => {
+        Command::Eval(EvalCommand::Align { checkpoint, shards, data, views, batch, no_random, threads, json }) => {
+            let threads = threads.unwrap_or_else(cores);
+            tch::set_num_threads(threads as i32);
             let loaded = trainer::load_checkpoint(&checkpoint, tch::Device::Cpu)?;
             let store = shards.unwrap_or_else(|| loaded.config.store.clone());
             let data = data.unwrap_or_else(|| loaded.config.data.clone());
-            let (v, z) = trainer::alignment(&loaded, &store, &data, views.clone(), batch, cores())?;
+            let (v, z) = trainer::alignment(&loaded, &store, &data, views.clone(), batch, threads)?;
             let floor = if no_random {
                 None
             } else {
                 let init = trainer::initial_model(&loaded, tch::Device::Cpu);
-                Some(trainer::alignment(&init, &store, &data, views.clone(), batch, cores())?)
+                Some(trainer::alignment(&init, &store, &data, views.clone(), batch, threads)?)
             };
             if json {
                 let mut j =
