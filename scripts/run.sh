@@ -52,7 +52,8 @@ ex = json.load(open(f"{out}/extract.json"))
 rows = [json.loads(l) for l in open(f"{out}/train/metrics.jsonl")]
 al = json.load(open(f"{out}/align.json"))
 first, last = rows[0], rows[-1]
-secs = sum(16 / r["images_per_sec"] for r in rows)
+batch = json.load(open(f"{out}/train/config.json"))["batch"]
+secs = sum(batch / r["images_per_sec"] for r in rows)
 print(f"{'extract':<28} {ex['views_stored']} views of {ex['images']} images in {ex['seconds']:.1f} s ({ex['views_per_second']:.1f} views/s), {ex['bytes_written']/1e6:.1f} MB")
 print(f"{'train (ViT-Tiny, CPU)':<28} {len(rows)} steps in {secs:.0f} s; loss {first['loss']:.3f} -> {last['loss']:.3f} (l_v {last['loss_v']:.3f}, l_z {last['loss_z']:.3f})")
 print(f"{'held-out view (view 3)':<28} mean cosine to the teacher's targets, visible (+CLS) / masked:")

@@ -122,8 +122,8 @@ def load_legacy_state_dict(path):
 
 # ---- the network as a list of convolutions --------------------------------------
 def layers(sd):
-    """Yield the network as ('conv', name, weight, bn prefix, stride, groups, act)
-    and ('add', ...) / ('mark', ...) steps, in order."""
+    """The network as steps, in order: ('conv', weight name, BN prefix, stride,
+    groups, ReLU6?), ('save',) at a block's input and ('add',) for its residual."""
     steps = [("conv", "_conv_stem.weight", "_bn0", 2, 1, True)]
     i = 0
     while f"_blocks.{i}._depthwise_conv.weight" in sd:
@@ -141,8 +141,6 @@ def layers(sd):
             cin = ch
         if stride == 1 and cin == sd[p + "_project_conv.weight"].shape[0]:
             steps.append(("add",))
-        else:
-            steps.append(("drop",))
         i += 1
     if i != 16:
         raise SystemExit(f"expected 16 MBConv blocks (EfficientNet-Lite0), found {i}")

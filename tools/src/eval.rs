@@ -170,11 +170,11 @@ pub fn features(enc: &EncoderSpec, set: &Labelled, batch: usize, threads: usize)
                     (l.model, l.vs)
                 }
                 EncoderSpec::Random(preset, px, seed) => {
-                    tch::manual_seed(*seed as i64);
-                    let vs = nn::VarStore::new(Device::Cpu);
-                    let mut cfg = ModelConfig::preset(*preset, 512);
-                    cfg.image_size = *px;
-                    (Cae2::new(&vs.root(), &cfg), vs)
+                    let cfg = ModelConfig::preset(*preset, 512)
+                        .with_image_size(*px)
+                        .ok_or_else(|| anyhow::anyhow!("random-init encoder: {px} px is not a multiple of the patch size"))?;
+                    let (vs, model) = Cae2::seeded(&cfg, *seed, Device::Cpu);
+                    (model, vs)
                 }
                 EncoderSpec::Teacher(_) => unreachable!("handled above"),
             };

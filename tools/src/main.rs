@@ -513,14 +513,14 @@ fn run_train_cmd(a: TrainArgs) -> Result<ExitCode> {
     let store = shard_store::Store::open(&a.shards).with_context(|| format!("opening store {}", a.shards.display()))?;
     let m = store.manifest();
     let preset = Preset::parse(&a.model).with_context(|| format!("--model {}", a.model))?;
-    let mut model = ModelConfig::preset(preset, i64::from(m.teacher.dim));
     // The student's input size is the one the store's views were made for
     // (224 px in the paper; 112 px pairs a /16 student with a 7x7 teacher grid).
     let px = m.views.settings.student_size;
-    if px == 0 || i64::from(px) % model.patch_size != 0 {
-        bail!("{}: its views are for a {px} px student, not a multiple of the patch size {}", a.shards.display(), model.patch_size);
-    }
-    model.image_size = i64::from(px);
+    let preset_cfg = ModelConfig::preset(preset, i64::from(m.teacher.dim));
+    let patch = preset_cfg.patch_size;
+    let mut model = preset_cfg.with_image_size(i64::from(px)).with_context(|| {
+        format!("{}: its views are for a {px} px student, not a multiple of the patch size {patch}", a.shards.display())
+    })?;
     if let Some(d) = a.regressor_depth {
         model.regressor_depth = d;
     }
@@ -625,15 +625,16 @@ fn run_train_cmd(a: TrainArgs) -> Result<ExitCode> {
 
 fn run_eval_cmd(a: EvalArgs, knn: bool) -> Result<ExitCode> {
     use tools::eval::*;
-    use trainer::model::Preset;
+    use trainer::model::{ModelConfig, Preset};
     let threads = a.threads.unwrap_or_else(cores);
     tch::set_num_threads(threads as i32);
     let set = load_labelled(&a.data, a.labels.as_deref().map(|p| (p, a.label_column.as_str())))?;
     let mut encoders: Vec<EncoderSpec> = a.checkpoint.iter().cloned().map(EncoderSpec::Checkpoint).collect();
     if !a.no_random {
+        // the first checkpoint's settings, read only when --random or --random-size leave one open
         let first = match a.checkpoint.first() {
-            Some(c) => Some(trainer::load_checkpoint(c, tch::Device::Cpu)?.config.model),
-            None => None,
+            Some(c) if a.random.is_none() || a.random_size.is_none() => Some(trainer::load_checkpoint(c, tch::Device::Cpu)?.config.model),
+            _ => None,
         };
         let preset = match (&a.random, &first) {
             (Some(r), _) => Preset::parse(r),
@@ -641,8 +642,11 @@ fn run_eval_cmd(a: EvalArgs, knn: bool) -> Result<ExitCode> {
             (None, None) => None,
         };
         let px = a.random_size.map(i64::from).or(first.as_ref().map(|m| m.image_size)).unwrap_or(224);
-        if px == 0 || px % 16 != 0 {
-            bail!("--random-size {px}: must be a positive multiple of the patch size 16");
+        // every preset has the same patch size, so the size is checked even without a preset
+        let base = ModelConfig::preset(preset.unwrap_or(Preset::Tiny), 512);
+        let patch = base.patch_size;
+        if base.with_image_size(px).is_none() {
+            bail!("--random-size {px}: must be a positive multiple of the patch size {patch}");
         }
         if let Some(p) = preset {
             encoders.push(EncoderSpec::Random(p, px, a.seed));

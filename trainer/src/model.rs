@@ -111,6 +111,15 @@ impl ModelConfig {
         self.image_size / self.patch_size
     }
 
+    /// The same configuration for `px`-pixel inputs, or `None` when `px` is
+    /// not a positive multiple of the patch size.
+    pub fn with_image_size(mut self, px: i64) -> Option<Self> {
+        (px > 0 && px % self.patch_size == 0).then(|| {
+            self.image_size = px;
+            self
+        })
+    }
+
     /// Patches per image.
     pub fn num_patches(&self) -> i64 {
         self.grid() * self.grid()
@@ -404,6 +413,15 @@ impl Cae2 {
             head_norm: layer_norm(root / "head" / "norm", dr),
             head: Linear::new(root / "head" / "proj", dr, cfg.target_dim, true),
         }
+    }
+
+    /// A freshly initialised student on `device`, drawn from the torch RNG
+    /// seeded with `seed`: a training run's step-0 model, or a random-init floor.
+    pub fn seeded(cfg: &ModelConfig, seed: u64, device: tch::Device) -> (nn::VarStore, Self) {
+        tch::manual_seed(seed as i64);
+        let vs = nn::VarStore::new(device);
+        let model = Self::new(&vs.root(), cfg);
+        (vs, model)
     }
 
     /// The configuration.

@@ -226,9 +226,7 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         shard_store::write_file_atomic(&cfg_path, &cfg_json)?;
     }
 
-    tch::manual_seed(cfg.seed as i64);
-    let mut vs = nn::VarStore::new(device);
-    let model = Cae2::new(&vs.root(), &cfg.model);
+    let (mut vs, model) = Cae2::seeded(&cfg.model, cfg.seed, device);
     let mut opt = AdamW::new(cfg.adamw, vs.variables(), decays);
     let mut start = 0u64;
     if opts.resume {
@@ -418,9 +416,7 @@ pub fn load_checkpoint(path: &Path, device: tch::Device) -> Result<LoadedModel> 
 /// configuration, freshly initialised from the run's seed (the floor that
 /// alignment and k-NN numbers are compared with).
 pub fn initial_model(loaded: &LoadedModel, device: tch::Device) -> LoadedModel {
-    tch::manual_seed(loaded.config.seed as i64);
-    let vs = nn::VarStore::new(device);
-    let model = Cae2::new(&vs.root(), &loaded.config.model);
+    let (vs, model) = Cae2::seeded(&loaded.config.model, loaded.config.seed, device);
     LoadedModel { config: loaded.config.clone(), vs, model }
 }
 
