@@ -6,6 +6,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 scripts/setup.sh
 source .deps/env.sh
+# style and lint gates first: they fail in seconds, not after the tests
+cargo fmt --all --check
+cargo clippy --release --workspace --all-targets --quiet -- -D warnings
 cargo build --release --workspace --all-targets
 LOG="$(mktemp)"
 trap 'rm -f "$LOG"' EXIT

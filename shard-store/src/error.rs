@@ -27,7 +27,7 @@ pub enum StoreError {
         what: String,
     },
     /// The file was written by a newer or unknown format version.
-    #[error("{path}: format version {found} is not supported (this build reads version {supported})")]
+    #[error("{path}: format version {found} is not supported (this build reads versions {oldest} to {supported})", oldest = crate::manifest::OLDEST_SUPPORTED_VERSION)]
     UnsupportedVersion {
         /// The file.
         path: PathBuf,
@@ -56,6 +56,12 @@ pub enum StoreError {
         /// What is missing.
         what: String,
     },
+    /// A path that names a remote location (`s3://...`): stores, images
+    /// and runs are read and written through the local filesystem only.
+    #[error(
+        "{0}: not a local path; caev2 reads and writes local (or mounted) folders only, e.g. mount the bucket and give its mount point"
+    )]
+    NotLocal(PathBuf),
     /// A request outside the store, e.g. an image id past the end.
     #[error("{0}")]
     OutOfRange(String),

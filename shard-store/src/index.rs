@@ -122,8 +122,40 @@ fn column<'a, T: 'static>(path: &Path, batch: &'a RecordBatch, name: &str) -> Re
 ///
 /// # Errors
 /// IO, Parquet or schema errors naming `path`; a row whose jitter order is
-/// not a permutation of `bcs` is reported as corrupt.
+/// not a permutation of `bcs`, or whose crop box does not fit its image, is
+/// reported as corrupt.
 pub fn read_index(path: &Path) -> Result<Vec<IndexRow>> {
+    // The Parquet reader can panic on damaged bytes (seen in fuzzing); that
+    // is a corrupt file, not a crash.
+    contain_panics(|| read_index_unguarded(path)).unwrap_or_else(|msg| {
+        Err(StoreError::Corrupt { path: path.to_owned(), offset: 0, what: format!("the Parquet reader failed on damaged bytes ({msg})") })
+    })
+}
+
+thread_local! {
+    static CONTAINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f`, turning a panic into `Err(message)`. The panic hook is wrapped
+/// once so that contained panics print nothing; every other panic goes to
+/// the previous hook unchanged.
+fn contain_panics<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !CONTAINED.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was = CONTAINED.with(|c| c.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CONTAINED.with(|c| c.set(was));
+    r.map_err(|p| p.downcast_ref::<&str>().map(|s| (*s).to_owned()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default())
+}
+
+fn read_index_unguarded(path: &Path) -> Result<Vec<IndexRow>> {
     let perr = |source| StoreError::Parquet { path: path.to_owned(), source };
     let file = File::open(path).map_err(io(path, "open index"))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(perr)?.with_batch_size(65536).build().map_err(perr)?;
@@ -159,6 +191,24 @@ pub fn read_index(path: &Path) -> Result<Vec<IndexRow>> {
                 offset: 0,
                 what: format!("row {i}: jitter order {:?} is not a permutation of \"bcs\"", order.value(i)),
             })?;
+            let (w, h) = (params.image_width, params.image_height);
+            if w == 0
+                || h == 0
+                || crop.width == 0
+                || crop.height == 0
+                || u64::from(crop.left) + u64::from(crop.width) > u64::from(w)
+                || u64::from(crop.top) + u64::from(crop.height) > u64::from(h)
+            {
+                return Err(StoreError::Corrupt {
+                    path: path.to_owned(),
+                    offset: 0,
+                    what: format!(
+                        "row {i} (image {} view {}): crop box {crop:?} does not fit its {w}x{h} image",
+                        image_id.value(i),
+                        view.value(i)
+                    ),
+                });
+            }
             rows.push(IndexRow {
                 image_id: image_id.value(i),
                 path: p.value(i).to_owned(),

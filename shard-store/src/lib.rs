@@ -29,7 +29,9 @@ mod store;
 pub use codec::Codec;
 pub use error::{Result, StoreError};
 pub use grid::resample_grid;
-pub use index::{IndexRow, read_index, schema as index_schema};
-pub use manifest::{DatasetInfo, FORMAT_VERSION, Layout, MANIFEST_FILE, Manifest, TeacherInfo, ViewsInfo};
+pub use index::{IndexRow, read_index, schema as index_schema, write_index};
+pub use manifest::{
+    DatasetInfo, FORMAT_VERSION, Layout, MANIFEST_FILE, Manifest, OLDEST_SUPPORTED_VERSION, TeacherInfo, ViewsInfo, canonical_json,
+};
 pub use shard::{Entry, FOOTER_LEN, HEADER_LEN, RECORD_ALIGN, ShardHeader, ShardReader, ShardWriter};
-pub use store::{ShardClaim, ShardReport, Skipped, Store, StorePaths, StoreWriter, TargetsRef, write_file_atomic};
+pub use store::{ShardClaim, ShardReport, Skipped, Store, StorePaths, StoreWriter, TargetsRef, check_local, write_file_atomic};

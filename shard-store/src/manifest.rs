@@ -16,6 +16,44 @@ pub const FORMAT_NAME: &str = "caev2-store";
 /// Name of the manifest file in a store folder.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
+/// The oldest store format version this build still reads.
+pub const OLDEST_SUPPORTED_VERSION: u32 = 1;
+
+/// Write `v` as canonical JSON: no whitespace, object keys sorted by their
+/// bytes at every level, strings and numbers as serde_json writes them
+/// (numbers in their shortest round-trip form). It does not depend on the
+/// order of serde_json's maps (which a `preserve_order` feature enabled by
+/// any dependency would change) or of struct fields.
+pub fn canonical_json(v: &serde_json::Value, out: &mut String) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::String(k.clone()).to_string());
+                out.push(':');
+                canonical_json(&map[k], out);
+            }
+            out.push('}');
+        }
+        serde_json::Value::Array(items) => {
+            out.push('[');
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_json(x, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
+}
+
 /// The teacher whose outputs are stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TeacherInfo {
@@ -89,6 +127,13 @@ impl Layout {
         Self { images_per_shard: images_per_shard.max(1), num_shards: num_images.div_ceil(ips) as u32 }
     }
 
+    /// Where view `view` of image `image_id` lives: `(shard, slot)`, with
+    /// slot `(image_id - first image of the shard) * K + view` (FORMAT.md).
+    pub fn slot(&self, image_id: u64, view: u32, views_per_image: u32) -> (u32, u64) {
+        let ips = u64::from(self.images_per_shard);
+        ((image_id / ips) as u32, (image_id % ips) * u64::from(views_per_image) + u64::from(view))
+    }
+
     /// Image ids of shard `s`.
     pub fn images_of(&self, shard: u32, num_images: u64) -> std::ops::Range<u64> {
         let start = u64::from(shard) * u64::from(self.images_per_shard);
@@ -141,22 +186,27 @@ impl Manifest {
     /// The identity fields as JSON: everything except `store_id`,
     /// `created_by` and `dataset.root`.
     fn identity(&self) -> serde_json::Value {
-        let mut dataset = serde_json::to_value(&self.dataset).unwrap_or_default();
-        if let Some(o) = dataset.as_object_mut() {
-            o.remove("root");
-        }
+        let d = &self.dataset;
         serde_json::json!({
             "format_version": self.format_version,
             "teacher": self.teacher,
             "views": self.views,
             "codec": self.codec,
-            "dataset": dataset,
+            "dataset": {"num_images": d.num_images, "file_list_sha256": d.file_list_sha256, "classes": d.classes},
             "layout": self.layout,
         })
     }
 
+    /// The identity as canonical JSON (see [`canonical_json`]): the bytes
+    /// `store_id` hashes.
+    pub fn identity_json(&self) -> String {
+        let mut out = String::new();
+        canonical_json(&self.identity(), &mut out);
+        out
+    }
+
     fn compute_store_id(&self) -> String {
-        let digest = Sha256::digest(self.identity().to_string().as_bytes());
+        let digest = Sha256::digest(self.identity_json().as_bytes());
         hex::encode(&digest[..12])
     }
 
@@ -242,7 +292,7 @@ impl Manifest {
             return Err(StoreError::Corrupt { path, offset: 0, what: format!("not a caev2 store manifest (format != {FORMAT_NAME:?})") });
         }
         let version = head.get("format_version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
-        if version != FORMAT_VERSION {
+        if !(OLDEST_SUPPORTED_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(StoreError::UnsupportedVersion { path, found: version, supported: FORMAT_VERSION });
         }
         let m: Manifest = serde_json::from_value(head).map_err(|source| StoreError::Json { path: path.clone(), source })?;
@@ -262,10 +312,13 @@ impl Manifest {
     }
 
     /// Pretty JSON bytes.
-    pub fn to_json(&self) -> Vec<u8> {
-        let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
+    ///
+    /// # Errors
+    /// [`StoreError::Json`] (not expected: every field serialises).
+    pub fn to_json(&self, path: &Path) -> Result<Vec<u8>> {
+        let mut v = serde_json::to_vec_pretty(self).map_err(|source| StoreError::Json { path: path.to_owned(), source })?;
         v.push(b'\n');
-        v
+        Ok(v)
     }
 }
 
@@ -308,6 +361,22 @@ pub(crate) mod tests {
         assert_ne!(a.store_id, c.store_id);
         let (field, found, req) = a.first_difference(&c).expect("codec differs");
         assert_eq!((field.as_str(), found.as_str(), req.as_str()), ("codec", "\"f16\"", "\"f32\""));
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys_at_every_level() {
+        let v: serde_json::Value =
+            serde_json::from_str(r#"{"b": {"z": 1, "a": [2.5, {"y": true, "x": null}]}, "a": "s\"q"}"#).expect("json");
+        let mut out = String::new();
+        canonical_json(&v, &mut out);
+        assert_eq!(out, r#"{"a":"s\"q","b":{"a":[2.5,{"x":null,"y":true}],"z":1}}"#);
+    }
+
+    #[test]
+    fn store_id_test_vector() {
+        // Pinned: a change here orphans every existing store (format v1).
+        let m = sample();
+        assert_eq!(m.store_id, "2b4c6858c87ffe9746425b26", "identity JSON: {}", m.identity_json());
     }
 
     #[test]

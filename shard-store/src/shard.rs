@@ -57,6 +57,14 @@ impl ShardHeader {
         self.codec.encoded_len(self.tokens as usize * self.dim as usize)
     }
 
+    /// Encoded bytes of one record when that fits a `u32` record length
+    /// (`None` for a damaged header claiming more).
+    fn record_len_u32(&self) -> Option<u32> {
+        let values = u64::from(self.tokens) * u64::from(self.dim);
+        let bytes = values.checked_mul(self.codec.encoded_len(1) as u64)?;
+        u32::try_from(bytes).ok().filter(|&b| b > 0)
+    }
+
     fn encode(&self) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[0..8].copy_from_slice(&SHARD_MAGIC);
@@ -273,7 +281,7 @@ impl ShardReader {
         if num_slots != header.num_slots() {
             return Err(corrupt(fo + 8, format!("footer says {num_slots} slots, header implies {}", header.num_slots())));
         }
-        let table_end = table_offset.checked_add(num_slots * ENTRY_LEN as u64);
+        let table_end = num_slots.checked_mul(ENTRY_LEN as u64).and_then(|n| table_offset.checked_add(n));
         if table_end != Some(fo) || table_offset < HEADER_LEN as u64 {
             return Err(corrupt(fo, format!("record table at {table_offset} with {num_slots} entries does not end at the footer")));
         }
@@ -282,13 +290,15 @@ impl ShardReader {
             return Err(corrupt(table_offset, "record table checksum mismatch".into()));
         }
         let reader = Self { path: path.to_owned(), mmap, header, table_offset: table_offset as usize };
-        let record_len = header.record_len() as u32;
+        let record_len = header
+            .record_len_u32()
+            .ok_or_else(|| corrupt(36, format!("{} tokens x {} values do not make a valid record length", header.tokens, header.dim)))?;
         for slot in 0..num_slots {
             let e = reader.entry(slot);
             if e.is_present()
                 && (e.length != record_len
                     || e.offset < HEADER_LEN as u64
-                    || e.offset + u64::from(e.length) > table_offset
+                    || e.offset.checked_add(u64::from(e.length)).is_none_or(|end| end > table_offset)
                     || !e.offset.is_multiple_of(RECORD_ALIGN))
             {
                 return Err(corrupt(
@@ -333,6 +343,25 @@ impl ShardReader {
         }
         let e = self.entry(slot);
         e.is_present().then(|| &self.mmap[e.offset as usize..(e.offset + u64::from(e.length)) as usize])
+    }
+
+    /// Zero-copy bytes of `slot` after checking their CRC-32C against the
+    /// record table, or `None` when the slot is empty.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] naming the shard file and the record's byte
+    /// offset when the checksum does not match.
+    pub fn record_checked(&self, slot: u64) -> Result<Option<&[u8]>> {
+        let Some(bytes) = self.record(slot) else { return Ok(None) };
+        let e = self.entry(slot);
+        if crc32c::crc32c(bytes) != e.crc {
+            return Err(StoreError::Corrupt {
+                path: self.path.clone(),
+                offset: e.offset,
+                what: format!("slot {slot}: record checksum mismatch (damaged targets; run `caev2 inspect verify`)"),
+            });
+        }
+        Ok(Some(bytes))
     }
 
     /// Check the CRC of every record. Returns the problems found as

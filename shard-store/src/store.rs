@@ -48,8 +48,28 @@ pub struct ShardReport {
     pub shard_bytes: u64,
     /// Size of the index part.
     pub index_bytes: u64,
+    /// CRC-32C of the index part's bytes (absent in stores written before
+    /// it was recorded; readers then rely on the row checks alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_crc32c: Option<u32>,
     /// Images that could not be decoded.
     pub skipped: Vec<Skipped>,
+}
+
+impl ShardReport {
+    /// A report for `commit`, which fills in the sizes and the index checksum.
+    pub fn new(shard: u32, images: std::ops::Range<u64>, views_stored: u64, skipped: Vec<Skipped>) -> Self {
+        Self {
+            shard,
+            first_image: images.start,
+            num_images: u32::try_from(images.end - images.start).unwrap_or(u32::MAX),
+            views_stored,
+            shard_bytes: 0,
+            index_bytes: 0,
+            index_crc32c: None,
+            skipped,
+        }
+    }
 }
 
 /// Paths inside a store folder.
@@ -85,6 +105,20 @@ impl StorePaths {
     }
 }
 
+/// Refuse paths that name a remote location (`scheme://...`), which would
+/// otherwise silently become a local folder named `scheme:`.
+///
+/// # Errors
+/// [`StoreError::NotLocal`].
+pub fn check_local(path: &Path) -> Result<()> {
+    let s = path.to_string_lossy();
+    let scheme = s.split_once("://").map(|(a, _)| a);
+    if scheme.is_some_and(|a| !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))) {
+        return Err(StoreError::NotLocal(path.to_owned()));
+    }
+    Ok(())
+}
+
 /// fsync a directory so that renames inside it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir, "fsync folder"))
@@ -95,11 +129,21 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 /// # Errors
 /// IO errors naming `path`; nothing appears under `path` on failure.
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<u64> {
-    atomic_write(path, |mut f| f.write_all(bytes).map_err(io(path, "write")))
+    atomic_write(path, Replace::Yes, |mut f| f.write_all(bytes).map_err(io(path, "write"))).map(|len| len.unwrap_or(0))
 }
 
-/// Write a file atomically: a temporary file beside `path`, fsynced, renamed.
-fn atomic_write(path: &Path, fill: impl FnOnce(&File) -> Result<()>) -> Result<u64> {
+/// Whether [`atomic_write`] may replace an existing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replace {
+    Yes,
+    /// Keep an existing file (a no-replace rename): of racing writers, one wins.
+    No,
+}
+
+/// Write a file atomically: a temporary file beside `path`, fsynced, renamed
+/// into place, folder fsynced. Returns the size, or `None` when `Replace::No`
+/// found the file already there (the temporary is then removed).
+fn atomic_write(path: &Path, replace: Replace, fill: impl FnOnce(&File) -> Result<()>) -> Result<Option<u64>> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp =
@@ -107,9 +151,17 @@ fn atomic_write(path: &Path, fill: impl FnOnce(&File) -> Result<()>) -> Result<u
     fill(tmp.as_file())?;
     tmp.as_file().sync_all().map_err(io(path, "fsync"))?;
     let len = tmp.as_file().metadata().map_err(io(path, "stat"))?.len();
-    tmp.persist(path).map_err(|e| StoreError::Io { path: path.to_owned(), op: "rename into place", source: e.error })?;
+    let persisted = match replace {
+        Replace::Yes => tmp.persist(path).map(|_| ()),
+        Replace::No => tmp.persist_noclobber(path).map(|_| ()),
+    };
+    match persisted {
+        Ok(()) => {}
+        Err(e) if replace == Replace::No && e.error.kind() == std::io::ErrorKind::AlreadyExists => return Ok(None),
+        Err(e) => return Err(StoreError::Io { path: path.to_owned(), op: "rename into place", source: e.error }),
+    }
     sync_dir(dir)?;
-    Ok(len)
+    Ok(Some(len))
 }
 
 /// A store being written. Several processes may hold one for the same
@@ -129,26 +181,17 @@ impl StoreWriter {
     /// [`StoreError::Incompatible`] when the folder holds a store made with
     /// other settings; IO errors.
     pub fn create_or_open(root: &Path, manifest: &Manifest) -> Result<Self> {
+        check_local(root)?;
         for sub in ["shards", "index", "done", "locks"] {
             let d = root.join(sub);
             std::fs::create_dir_all(&d).map_err(io(&d, "create folder"))?;
         }
         let path = Manifest::path(root);
         if !path.exists() {
-            let tmp = tempfile::Builder::new()
-                .prefix(".manifest.json.")
-                .suffix(".tmp")
-                .tempfile_in(root)
-                .map_err(io(root, "create temporary manifest"))?;
-            tmp.as_file().write_all(&manifest.to_json()).map_err(io(&path, "write manifest"))?;
-            tmp.as_file().sync_all().map_err(io(&path, "fsync manifest"))?;
-            // persist_noclobber: of two processes racing here, one wins and
-            // the other reads and compares the winner's manifest below.
-            match tmp.persist_noclobber(&path) {
-                Ok(_) => sync_dir(root)?,
-                Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(StoreError::Io { path, op: "create manifest", source: e.error }),
-            }
+            // of two processes racing here, one wins and the other reads and
+            // compares the winner's manifest below
+            let json = manifest.to_json(&path)?;
+            atomic_write(&path, Replace::No, |mut f| f.write_all(&json).map_err(io(&path, "write manifest")))?;
         }
         let existing = Manifest::read(root)?;
         existing.check_same(root, manifest)?;
@@ -244,7 +287,9 @@ impl ShardClaim<'_> {
     pub fn commit(self, writer: ShardWriter, rows: &[IndexRow], mut report: ShardReport) -> Result<ShardReport> {
         let p = &self.store.paths;
         let index_path = p.index(self.shard);
-        report.index_bytes = atomic_write(&index_path, |f| write_index(f, &index_path, rows))?;
+        report.index_bytes = atomic_write(&index_path, Replace::Yes, |f| write_index(f, &index_path, rows))?.unwrap_or(0);
+        let index_bytes = std::fs::read(&index_path).map_err(io(&index_path, "read back index"))?;
+        report.index_crc32c = Some(crc32c::crc32c(&index_bytes));
         report.shard_bytes = writer.finish()?;
         let done = p.done(self.shard);
         let json = serde_json::to_vec_pretty(&report).map_err(|source| StoreError::Json { path: done.clone(), source })?;
@@ -332,6 +377,7 @@ impl Store {
     /// # Errors
     /// Manifest errors.
     pub fn open_partial(root: &Path) -> Result<Self> {
+        check_local(root)?;
         let manifest = Manifest::read(root)?;
         let n = manifest.layout.num_shards as usize;
         Ok(Self { paths: StorePaths::new(root), manifest, shards: (0..n).map(|_| OnceLock::new()).collect() })
@@ -378,7 +424,8 @@ impl Store {
     }
 
     /// The targets of view `view` of image `image_id`, in O(1) through the
-    /// shard's record table. `Ok(None)` when the image was skipped.
+    /// shard's record table, after checking the record's CRC-32C.
+    /// `Ok(None)` when the image was skipped.
     ///
     /// # Errors
     /// Out-of-range ids, or shard errors.
@@ -390,10 +437,9 @@ impl Store {
                 m.dataset.num_images, m.views.views_per_image
             )));
         }
-        let ips = u64::from(m.layout.images_per_shard);
-        let shard = self.shard((image_id / ips) as u32)?;
-        let slot = (image_id % ips) * u64::from(m.views.views_per_image) + u64::from(view);
-        Ok(shard.record(slot).map(|bytes| TargetsRef {
+        let (shard, slot) = m.layout.slot(image_id, view, m.views.views_per_image);
+        let shard = self.shard(shard)?;
+        Ok(shard.record_checked(slot)?.map(|bytes| TargetsRef {
             bytes,
             codec: m.codec,
             tokens: m.teacher.tokens as usize,
@@ -401,12 +447,34 @@ impl Store {
         }))
     }
 
-    /// Rows of shard `s`'s index part.
+    /// Rows of shard `s`'s index part, after checking the part's bytes
+    /// against the CRC-32C and size in the shard's report (when recorded).
     ///
     /// # Errors
-    /// IO, Parquet or schema errors.
+    /// IO, Parquet or schema errors; [`StoreError::Corrupt`] when the bytes
+    /// differ from the report or a row is impossible (see [`read_index`]).
     pub fn index_of(&self, s: u32) -> Result<Vec<IndexRow>> {
-        read_index(&self.paths.index(s))
+        let path = self.paths.index(s);
+        if let Some(report) = self.report(s)? {
+            let bytes = std::fs::read(&path).map_err(io(&path, "read index"))?;
+            if bytes.len() as u64 != report.index_bytes {
+                return Err(StoreError::Corrupt {
+                    path,
+                    offset: bytes.len() as u64,
+                    what: format!("{} bytes, its shard report says {}", bytes.len(), report.index_bytes),
+                });
+            }
+            if let Some(crc) = report.index_crc32c
+                && crc32c::crc32c(&bytes) != crc
+            {
+                return Err(StoreError::Corrupt {
+                    path,
+                    offset: 0,
+                    what: "checksum differs from the one in its shard report (damaged index; run `caev2 inspect verify`)".into(),
+                });
+            }
+        }
+        read_index(&path)
     }
 
     /// All index rows of complete shards, in shard order.

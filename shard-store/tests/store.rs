@@ -66,15 +66,7 @@ fn fill(root: &Path, m: &Manifest) {
                 });
             }
         }
-        let report = ShardReport {
-            shard: s,
-            first_image: range.start,
-            num_images: (range.end - range.start) as u32,
-            views_stored: rows.len() as u64,
-            shard_bytes: 0,
-            index_bytes: 0,
-            skipped,
-        };
+        let report = ShardReport::new(s, range.clone(), rows.len() as u64, skipped);
         claim.commit(sw, &rows, report).expect("commit");
     }
 }

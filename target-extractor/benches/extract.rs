@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use shard_store::Codec;
-use target_extractor::{Dataset, ExtractConfig, Teacher, TeacherSpec, deps_dir, run_extract};
+use target_extractor::{Dataset, ExtractConfig, run_extract};
+use teacher::{Teacher, TeacherSpec, deps_dir};
 
 struct Args {
     data: PathBuf,
@@ -89,23 +89,11 @@ fn main() {
     );
 
     let cfg = ExtractConfig {
-        data: data.clone(),
-        out: tmp.path().join("store"),
-        teacher: TeacherSpec { path: a.model.clone(), ..Default::default() },
         views: a.views,
         batch: a.batch,
         threads: a.threads,
         decode_threads: a.decode_threads,
-        codec: Codec::F16,
-        seed: 0,
-        student_size: 224,
-        images_per_shard: 256,
-        num_workers: 1,
-        worker_index: 0,
-        shards: None,
-        apply_exif_orientation: true,
-        dump_inputs: None,
-        progress: false,
+        ..ExtractConfig::new(data.clone(), tmp.path().join("store"), TeacherSpec { path: a.model.clone(), ..Default::default() })
     };
     let mut teacher = Teacher::load(&cfg.teacher, a.threads).expect("teacher");
     let size = teacher.info().input_size as usize;

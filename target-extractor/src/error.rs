@@ -19,16 +19,11 @@ pub enum ExtractError {
     /// The dataset folder is unusable.
     #[error("{0}")]
     Dataset(String),
-    /// The teacher model is missing, malformed or does not fit the settings.
-    #[error("teacher {path}: {what}")]
-    Teacher {
-        /// The ONNX file.
-        path: PathBuf,
-        /// What is wrong.
-        what: String,
-    },
-    /// ONNX Runtime failed.
-    #[error("onnxruntime: {0}")]
+    /// The teacher could not be loaded or run, or gave unusable outputs.
+    #[error(transparent)]
+    Teacher(#[from] teacher::TeacherError),
+    /// A worker thread died.
+    #[error("{0}")]
     Runtime(String),
     /// The store refused or failed.
     #[error(transparent)]
@@ -41,12 +36,6 @@ pub enum ExtractError {
 impl ExtractError {
     pub(crate) fn io(path: &Path, op: &'static str, source: std::io::Error) -> Self {
         Self::Io { path: path.to_owned(), op, source }
-    }
-}
-
-impl<T> From<ort::Error<T>> for ExtractError {
-    fn from(e: ort::Error<T>) -> Self {
-        Self::Runtime(e.to_string())
     }
 }
 

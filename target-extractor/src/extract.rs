@@ -17,11 +17,11 @@ use caev2_views::{DECODER_ID, ViewParams, ViewSampler, ViewSettings, decode_imag
 use crossbeam_channel::{Receiver, Sender, bounded};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
-use shard_store::{Codec, DatasetInfo, IndexRow, Layout, Manifest, ShardClaim, ShardReport, Skipped, StoreWriter, ViewsInfo};
+use shard_store::{Codec, DatasetInfo, IndexRow, Layout, Manifest, ShardClaim, ShardReport, ShardWriter, Skipped, StoreWriter, ViewsInfo};
 
 use crate::dataset::Dataset;
 use crate::error::{ExtractError, Result};
-use crate::teacher::{Teacher, TeacherSpec};
+use teacher::{Teacher, TeacherError, TeacherSpec};
 
 /// Settings of one extraction run.
 #[derive(Debug, Clone)]
@@ -63,6 +63,106 @@ pub struct ExtractConfig {
     pub progress: bool,
 }
 
+/// Largest `--views` (K).
+pub const MAX_VIEWS: u32 = 1000;
+/// Largest teacher `--batch`.
+pub const MAX_BATCH: usize = 1024;
+/// Largest `--images-per-shard`.
+pub const MAX_IMAGES_PER_SHARD: u32 = 1 << 20;
+/// Largest `--threads` / `--decode-threads`.
+pub const MAX_THREADS: usize = 1024;
+/// Student sizes accepted by `--student-size` (a /16 student needs at least 16 px).
+pub const STUDENT_SIZES: std::ops::RangeInclusive<u32> = 16..=1024;
+/// Teacher sizes accepted by `--teacher-size`.
+pub const TEACHER_SIZES: std::ops::RangeInclusive<u32> = 1..=2048;
+/// Largest shard file a run may plan (images per shard x views x record).
+pub const MAX_SHARD_BYTES: u64 = 64_000_000_000;
+
+/// Default `--views` (K), as in the paper's offline setting.
+pub const DEFAULT_VIEWS: u32 = 10;
+/// Default teacher batch.
+pub const DEFAULT_BATCH: usize = 32;
+/// Default `--images-per-shard` (~516 MB shards for CLIP-B/16 in f16 at K = 10).
+pub const DEFAULT_IMAGES_PER_SHARD: u32 = 256;
+/// Default student input size (the paper's 224 px).
+pub const DEFAULT_STUDENT_SIZE: u32 = 224;
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+impl ExtractConfig {
+    /// The defaults: K = [`DEFAULT_VIEWS`] views per image, teacher batch
+    /// [`DEFAULT_BATCH`], f16 targets, seed 0, [`DEFAULT_STUDENT_SIZE`] px
+    /// students, [`DEFAULT_IMAGES_PER_SHARD`] images per shard, one worker,
+    /// ONNX Runtime on every core and a quarter of them decoding, EXIF
+    /// orientation applied, no progress bar.
+    pub fn new(data: PathBuf, out: PathBuf, teacher: TeacherSpec) -> Self {
+        Self {
+            data,
+            out,
+            teacher,
+            views: DEFAULT_VIEWS,
+            batch: DEFAULT_BATCH,
+            threads: cores(),
+            decode_threads: (cores() / 4).max(1),
+            codec: Codec::F16,
+            seed: 0,
+            student_size: DEFAULT_STUDENT_SIZE,
+            images_per_shard: DEFAULT_IMAGES_PER_SHARD,
+            num_workers: 1,
+            worker_index: 0,
+            shards: None,
+            apply_exif_orientation: true,
+            dump_inputs: None,
+            progress: false,
+        }
+    }
+
+    /// Check every setting against its bounds, before anything is read or
+    /// written, so a bad argument never leaves a store that refuses the
+    /// corrected retry.
+    ///
+    /// # Errors
+    /// [`ExtractError::Config`] naming the option and its bounds.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(ExtractError::Config(what));
+        if !(1..=MAX_VIEWS).contains(&self.views) {
+            return bad(format!("--views {}: must be between 1 and {MAX_VIEWS}", self.views));
+        }
+        if !(1..=MAX_BATCH).contains(&self.batch) {
+            return bad(format!("--batch {}: must be between 1 and {MAX_BATCH}", self.batch));
+        }
+        if !(1..=MAX_IMAGES_PER_SHARD).contains(&self.images_per_shard) {
+            return bad(format!("--images-per-shard {}: must be between 1 and {MAX_IMAGES_PER_SHARD}", self.images_per_shard));
+        }
+        for (flag, n) in [("--threads", self.threads), ("--decode-threads", self.decode_threads)] {
+            if !(1..=MAX_THREADS).contains(&n) {
+                return bad(format!("{flag} {n}: must be between 1 and {MAX_THREADS}"));
+            }
+        }
+        if !STUDENT_SIZES.contains(&self.student_size) {
+            return bad(format!(
+                "--student-size {}: must be between {} and {} px",
+                self.student_size,
+                STUDENT_SIZES.start(),
+                STUDENT_SIZES.end()
+            ));
+        }
+        if let Some(t) = self.teacher.input_size
+            && !TEACHER_SIZES.contains(&t)
+        {
+            return bad(format!("--teacher-size {t}: must be between {} and {} px", TEACHER_SIZES.start(), TEACHER_SIZES.end()));
+        }
+        if self.num_workers == 0 || self.worker_index >= self.num_workers {
+            return bad(format!("--worker-index {} must be below --num-workers {}", self.worker_index, self.num_workers));
+        }
+        shard_store::check_local(&self.data).map_err(ExtractError::Store)?;
+        shard_store::check_local(&self.out).map_err(ExtractError::Store)?;
+        Ok(())
+    }
+}
+
 /// What a run did.
 #[derive(Debug, Clone, Default)]
 pub struct ExtractSummary {
@@ -102,11 +202,131 @@ struct ViewJob {
 }
 
 enum Msg<'a> {
-    Start(ShardClaim<'a>, Range<u64>),
+    Start(ShardClaim<'a>),
     Views(Vec<ViewJob>, Vec<f32>),
     Skip(Skipped),
     Targets(Vec<ViewJob>, Vec<f32>),
     End,
+}
+
+/// Stage 2: gather rendered views into teacher batches of `batch`, run the
+/// teacher, and pass targets (and every other message, in order) on to the
+/// writer. A shard's last views are flushed at its end, so batches never
+/// span shards and a shard's bytes do not depend on what ran before.
+fn infer_stage<'a>(rx: Receiver<Msg<'a>>, tx: Sender<Msg<'a>>, teacher: &mut Teacher, batch: usize, per_view: usize) -> Result<()> {
+    let mut jobs: Vec<ViewJob> = Vec::new();
+    let mut input: Vec<f32> = Vec::new();
+    // Ok(false): the writer stopped (its error explains why)
+    let mut flush = |jobs: &mut Vec<ViewJob>, input: &mut Vec<f32>, all: bool| -> Result<bool> {
+        while jobs.len() >= batch || (all && !jobs.is_empty()) {
+            let n = jobs.len().min(batch);
+            let out = teacher.forward(&input[..n * per_view], n)?;
+            let batch_jobs: Vec<ViewJob> = jobs.drain(..n).collect();
+            input.drain(..n * per_view);
+            if tx.send(Msg::Targets(batch_jobs, out)).is_err() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
+    for m in rx {
+        let go_on = match m {
+            Msg::Views(j, inp) => {
+                jobs.extend(j);
+                input.extend_from_slice(&inp);
+                flush(&mut jobs, &mut input, false)?
+            }
+            Msg::End => flush(&mut jobs, &mut input, true)? && tx.send(Msg::End).is_ok(),
+            other => tx.send(other).is_ok(),
+        };
+        if !go_on {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// A shard the writer stage is filling.
+struct OpenShard<'a> {
+    claim: ShardClaim<'a>,
+    writer: ShardWriter,
+    rows: Vec<IndexRow>,
+    skipped: Vec<Skipped>,
+}
+
+/// What the writer stage committed.
+#[derive(Default)]
+struct Written {
+    shards: u32,
+    views: u64,
+    skipped: Vec<Skipped>,
+    bytes: u64,
+}
+
+/// Stage 3: put each view's targets in its slot (refusing non-finite
+/// values), and commit a shard (index, shard file, report) at its end.
+fn write_stage(rx: Receiver<Msg<'_>>, cfg: &ExtractConfig, manifest: &Manifest, ds: &Dataset, bar: &ProgressBar) -> Result<Written> {
+    let mut done = Written::default();
+    let values = manifest.values_per_view();
+    let mut current: Option<OpenShard<'_>> = None;
+    for m in rx {
+        match m {
+            Msg::Start(claim) => {
+                let writer = claim.writer()?;
+                current = Some(OpenShard { claim, writer, rows: Vec::new(), skipped: Vec::new() });
+            }
+            Msg::Targets(jobs, out) => {
+                let Some(open) = current.as_mut() else { continue };
+                for (j, t) in jobs.into_iter().zip(out.chunks_exact(values)) {
+                    let f = &ds.files[j.image_id as usize];
+                    if let Some(bad) = t.iter().find(|x| !x.is_finite()) {
+                        return Err(ExtractError::Teacher(TeacherError::Model {
+                            path: cfg.teacher.path.clone(),
+                            what: format!(
+                                "output {bad} for view {} of {}: the teacher's targets must be finite; nothing was stored for this shard",
+                                j.view, f.rel
+                            ),
+                        }));
+                    }
+                    let (_, slot) = manifest.layout.slot(j.image_id, j.view, cfg.views);
+                    let e = open.writer.write(slot, t)?;
+                    open.rows.push(IndexRow {
+                        image_id: j.image_id,
+                        path: f.rel.clone(),
+                        label: f.label,
+                        view: j.view,
+                        params: j.params,
+                        shard: open.claim.shard(),
+                        offset: e.offset,
+                        length: e.length,
+                        crc32c: e.crc,
+                    });
+                    bar.inc(1);
+                }
+            }
+            Msg::Skip(s) => {
+                if let Some(open) = current.as_mut() {
+                    bar.inc(u64::from(cfg.views));
+                    bar.println(format!("skipped {}: {}", s.path, s.reason));
+                    open.skipped.push(s);
+                }
+            }
+            Msg::End => {
+                if let Some(open) = current.take() {
+                    let range = manifest.layout.images_of(open.claim.shard(), manifest.dataset.num_images);
+                    let report = ShardReport::new(open.claim.shard(), range, open.rows.len() as u64, open.skipped);
+                    let r = open.claim.commit(open.writer, &open.rows, report)?;
+                    done.shards += 1;
+                    done.views += r.views_stored;
+                    done.bytes += r.shard_bytes + r.index_bytes;
+                    done.skipped.extend(r.skipped);
+                    bar.set_message(format!("{} shards written", done.shards));
+                }
+            }
+            Msg::Views(..) => {}
+        }
+    }
+    Ok(done)
 }
 
 /// The manifest a run with `cfg` writes, given the loaded teacher and the
@@ -138,17 +358,24 @@ pub fn build_manifest(cfg: &ExtractConfig, teacher: &Teacher, ds: &Dataset) -> M
 /// images are not errors: they are skipped and reported.
 pub fn run_extract(cfg: &ExtractConfig) -> Result<ExtractSummary> {
     let start = Instant::now();
-    if cfg.views == 0 || cfg.batch == 0 || cfg.images_per_shard == 0 {
-        return Err(ExtractError::Config("--views, --batch and --images-per-shard must be positive".into()));
-    }
-    if cfg.num_workers == 0 || cfg.worker_index >= cfg.num_workers {
-        return Err(ExtractError::Config(format!("--worker-index {} must be below --num-workers {}", cfg.worker_index, cfg.num_workers)));
-    }
+    cfg.validate()?;
     let ds = Dataset::scan(&cfg.data)?;
     let load_start = Instant::now();
     let mut teacher = Teacher::load(&cfg.teacher, cfg.threads)?;
     let teacher_load = load_start.elapsed();
     let manifest = build_manifest(cfg, &teacher, &ds);
+    let shard_bytes =
+        u64::from(cfg.images_per_shard) * u64::from(cfg.views) * manifest.codec.encoded_len(manifest.values_per_view()) as u64;
+    if shard_bytes > MAX_SHARD_BYTES {
+        return Err(ExtractError::Config(format!(
+            "--images-per-shard {} x --views {} x {} bytes per view makes {:.1} GB shards (at most {} GB): lower --images-per-shard",
+            cfg.images_per_shard,
+            cfg.views,
+            manifest.codec.encoded_len(manifest.values_per_view()),
+            shard_bytes as f64 / 1e9,
+            MAX_SHARD_BYTES / 1_000_000_000
+        )));
+    }
     let store = StoreWriter::create_or_open(&cfg.out, &manifest)?;
     if let Some(d) = &cfg.dump_inputs {
         std::fs::create_dir_all(d).map_err(|e| ExtractError::io(d, "create dump folder", e))?;
@@ -199,7 +426,7 @@ pub fn run_extract(cfg: &ExtractConfig) -> Result<ExtractSummary> {
                     continue;
                 };
                 let range = layout.images_of(shard, summary.images);
-                if tx.send(Msg::Start(claim, range.clone())).is_err() {
+                if tx.send(Msg::Start(claim)).is_err() {
                     return Ok(busy);
                 }
                 let ids: Vec<u64> = range.collect();
@@ -207,7 +434,11 @@ pub fn run_extract(cfg: &ExtractConfig) -> Result<ExtractSummary> {
                     let prepared: Vec<Msg<'_>> = pool.install(|| {
                         part.par_iter()
                             .map(|&id| {
-                                let rel = &ds.files[id as usize].rel;
+                                let file = &ds.files[id as usize];
+                                let rel = &file.rel;
+                                if let Some(why) = &file.problem {
+                                    return Msg::Skip(Skipped { image_id: id, path: rel.clone(), reason: why.clone() });
+                                }
                                 let img = match decode_image(&ds.path_of(id as usize), cfg.apply_exif_orientation) {
                                     Ok(d) => d.rgb,
                                     Err(e) => return Msg::Skip(Skipped { image_id: id, path: rel.clone(), reason: e.to_string() }),
@@ -243,121 +474,21 @@ pub fn run_extract(cfg: &ExtractConfig) -> Result<ExtractSummary> {
             Ok(busy)
         });
 
-        let infer = scope.spawn(|| -> Result<()> {
-            let rx: Receiver<Msg<'_>> = from_producer;
-            let tx: Sender<Msg<'_>> = to_writer;
-            let mut jobs: Vec<ViewJob> = Vec::new();
-            let mut input: Vec<f32> = Vec::new();
-            let mut flush = |jobs: &mut Vec<ViewJob>, input: &mut Vec<f32>, all: bool, tx: &Sender<Msg<'_>>| -> Result<bool> {
-                while jobs.len() >= cfg.batch || (all && !jobs.is_empty()) {
-                    let n = jobs.len().min(cfg.batch);
-                    let out = teacher.forward(&input[..n * per_view], n)?;
-                    let batch_jobs: Vec<ViewJob> = jobs.drain(..n).collect();
-                    input.drain(..n * per_view);
-                    if tx.send(Msg::Targets(batch_jobs, out)).is_err() {
-                        return Ok(false);
-                    }
-                }
-                Ok(true)
-            };
-            for m in rx {
-                match m {
-                    Msg::Views(j, inp) => {
-                        jobs.extend(j);
-                        input.extend_from_slice(&inp);
-                        if !flush(&mut jobs, &mut input, false, &tx)? {
-                            return Ok(());
-                        }
-                    }
-                    Msg::End => {
-                        if !flush(&mut jobs, &mut input, true, &tx)? || tx.send(Msg::End).is_err() {
-                            return Ok(());
-                        }
-                    }
-                    other => {
-                        if tx.send(other).is_err() {
-                            return Ok(());
-                        }
-                    }
-                }
-            }
-            Ok(())
-        });
+        let infer = scope.spawn(|| infer_stage(from_producer, to_writer, &mut teacher, cfg.batch, per_view));
 
-        let writer = scope.spawn(|| -> Result<(u32, u64, Vec<Skipped>, u64)> {
-            let rx: Receiver<Msg<'_>> = from_infer;
-            let (mut shards, mut views, mut skipped_all, mut bytes) = (0u32, 0u64, Vec::new(), 0u64);
-            let values = manifest.values_per_view();
-            let mut current = None;
-            for m in rx {
-                match m {
-                    Msg::Start(claim, range) => {
-                        let w = claim.writer()?;
-                        current = Some((claim, w, range, Vec::<IndexRow>::new(), Vec::<Skipped>::new()));
-                    }
-                    Msg::Targets(jobs, out) => {
-                        let Some((claim, w, range, rows, _)) = current.as_mut() else { continue };
-                        for (j, t) in jobs.into_iter().zip(out.chunks_exact(values)) {
-                            let slot = (j.image_id - range.start) * u64::from(cfg.views) + u64::from(j.view);
-                            let e = w.write(slot, t)?;
-                            let f = &ds.files[j.image_id as usize];
-                            rows.push(IndexRow {
-                                image_id: j.image_id,
-                                path: f.rel.clone(),
-                                label: f.label,
-                                view: j.view,
-                                params: j.params,
-                                shard: claim.shard(),
-                                offset: e.offset,
-                                length: e.length,
-                                crc32c: e.crc,
-                            });
-                            bar.inc(1);
-                        }
-                    }
-                    Msg::Skip(s) => {
-                        if let Some((_, _, _, _, sk)) = current.as_mut() {
-                            bar.inc(u64::from(cfg.views));
-                            bar.println(format!("skipped {}: {}", s.path, s.reason));
-                            sk.push(s);
-                        }
-                    }
-                    Msg::End => {
-                        if let Some((claim, w, range, rows, sk)) = current.take() {
-                            let report = ShardReport {
-                                shard: claim.shard(),
-                                first_image: range.start,
-                                num_images: (range.end - range.start) as u32,
-                                views_stored: rows.len() as u64,
-                                shard_bytes: 0,
-                                index_bytes: 0,
-                                skipped: sk,
-                            };
-                            let r = claim.commit(w, &rows, report)?;
-                            shards += 1;
-                            views += r.views_stored;
-                            bytes += r.shard_bytes + r.index_bytes;
-                            skipped_all.extend(r.skipped);
-                            bar.set_message(format!("{shards} shards written"));
-                        }
-                    }
-                    Msg::Views(..) => {}
-                }
-            }
-            Ok((shards, views, skipped_all, bytes))
-        });
+        let writer = scope.spawn(|| write_stage(from_infer, cfg, &manifest, &ds, &bar));
 
         let w = writer.join().map_err(|_| ExtractError::Runtime("writer thread panicked".into()))?;
         let i = infer.join().map_err(|_| ExtractError::Runtime("inference thread panicked".into()))?;
         let p = producer.join().map_err(|_| ExtractError::Runtime("decode thread panicked".into()))?;
         // The first stage to fail explains the others' early stops.
-        let (shards, views, skipped, bytes) = w?;
+        let written = w?;
         i?;
         summary.shards_busy = p?;
-        summary.shards_written = shards;
-        summary.views_stored = views;
-        summary.skipped = skipped;
-        summary.bytes_written = bytes;
+        summary.shards_written = written.shards;
+        summary.views_stored = written.views;
+        summary.skipped = written.skipped;
+        summary.bytes_written = written.bytes;
         Ok(())
     });
     bar.finish_and_clear();

@@ -3,9 +3,9 @@
 //! [`shard_store`] feature store.
 //!
 //! * [`Dataset`] lists an ImageNet-style folder (sorted; image id = position).
-//! * [`Teacher`] loads an ONNX teacher with ONNX Runtime (`ort`, loaded
-//!   dynamically from the library `scripts/setup.sh` installs) and resolves
-//!   its identity from `caev2.*` metadata or the command line.
+//! * [`teacher::Teacher`] (its own crate) loads the ONNX teacher with ONNX
+//!   Runtime and resolves its identity from `caev2.*` metadata or the
+//!   command line.
 //! * [`run_extract`] is the pipeline: decoding and view rendering on a rayon
 //!   pool, inference, and shard writing run concurrently; work is split into
 //!   shards claimed under file locks, so a run can be killed and resumed, and
@@ -18,9 +18,10 @@
 mod dataset;
 mod error;
 mod extract;
-mod teacher;
 
 pub use dataset::{Dataset, IMAGE_EXTENSIONS, ImageFile};
 pub use error::{ExtractError, Result};
-pub use extract::{ExtractConfig, ExtractSummary, build_manifest, run_extract};
-pub use teacher::{ClipModel, Teacher, TeacherSpec, deps_dir, environment, models_dir, ort_library, parse_triple, sha256_file};
+pub use extract::{
+    DEFAULT_BATCH, DEFAULT_IMAGES_PER_SHARD, DEFAULT_STUDENT_SIZE, DEFAULT_VIEWS, ExtractConfig, ExtractSummary, MAX_BATCH, MAX_VIEWS,
+    build_manifest, run_extract,
+};

@@ -15,9 +15,10 @@ use anyhow::{Context, Result, bail};
 use caev2_views::{RgbImage, SplitMix64, decode_image, normalize_chw, resize_bicubic};
 use rayon::prelude::*;
 use serde::Serialize;
-use target_extractor::{Dataset, Teacher, TeacherSpec};
+use target_extractor::Dataset;
 use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, Tensor, nn};
+use teacher::{Teacher, TeacherSpec};
 use trainer::model::{Cae2, ModelConfig, Preset};
 
 /// A labelled image folder.

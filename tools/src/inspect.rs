@@ -4,9 +4,11 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use caev2_views::ViewSampler;
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde::Serialize;
+use sha2::Digest;
 use shard_store::{Manifest, Skipped, Store};
 
 /// `inspect summary` output.
@@ -48,7 +50,8 @@ pub fn summary(root: &Path) -> Result<Summary> {
             views += r.views_stored;
             sb += r.shard_bytes;
             ib += r.index_bytes;
-            images += u64::from(r.num_images) - r.skipped.len() as u64;
+            // saturating: a damaged report is verify's to flag, not a panic here
+            images += u64::from(r.num_images).saturating_sub(r.skipped.len() as u64);
             skipped.extend(r.skipped);
         }
     }
@@ -153,14 +156,17 @@ pub struct VerifyReport {
 fn verify_shard(store: &Store, s: u32) -> (u64, Vec<Problem>) {
     let m = store.manifest();
     let p = |offset: Option<u64>, what: String| Problem { shard: Some(s), offset, what };
-    if !store.is_done(s) {
-        return (0, vec![p(None, "shard not complete (no done/ report)".into())]);
-    }
+    let report = match store.report(s) {
+        Ok(Some(r)) => r,
+        Ok(None) => return (0, vec![p(None, "shard not complete (no done/ report)".into())]),
+        Err(e) => return (0, vec![p(None, e.to_string())]),
+    };
     let reader = match store.shard(s) {
         Ok(r) => r,
         Err(e) => return (0, vec![p(None, e.to_string())]),
     };
     let mut problems: Vec<Problem> = reader.verify_records().into_iter().map(|(_, off, what)| p(Some(off), what)).collect();
+    // index_of checks the part's size and checksum against the report
     let rows = match store.index_of(s) {
         Ok(r) => r,
         Err(e) => {
@@ -170,6 +176,7 @@ fn verify_shard(store: &Store, s: u32) -> (u64, Vec<Problem>) {
     };
     let k = m.views.views_per_image;
     let range = m.layout.images_of(s, m.dataset.num_images);
+    let sampler = ViewSampler::new(m.views.seed, m.views.settings.clone());
     let mut seen = HashSet::new();
     let mut values = vec![0f32; m.values_per_view()];
     for row in &rows {
@@ -180,7 +187,19 @@ fn verify_shard(store: &Store, s: u32) -> (u64, Vec<Problem>) {
         if !seen.insert((row.image_id, row.view)) {
             problems.push(p(Some(row.offset), format!("image {} view {} listed twice in the index", row.image_id, row.view)));
         }
-        let slot = (row.image_id - range.start) * u64::from(k) + u64::from(row.view);
+        // The parameters are a pure function of (seed, image, view, size):
+        // any damaged crop, flip or jitter value shows up here.
+        let expect = sampler.sample(row.image_id, row.view, row.params.image_width, row.params.image_height);
+        if expect != row.params {
+            problems.push(p(
+                Some(row.offset),
+                format!(
+                    "image {} view {}: the index's view parameters differ from the seeded sampler's ({:?} vs {:?})",
+                    row.image_id, row.view, row.params, expect
+                ),
+            ));
+        }
+        let (_, slot) = m.layout.slot(row.image_id, row.view, k);
         let e = reader.entry(slot);
         if !e.is_present() {
             problems.push(p(Some(row.offset), format!("index lists image {} view {} but the shard slot is empty", row.image_id, row.view)));
@@ -196,17 +215,48 @@ fn verify_shard(store: &Store, s: u32) -> (u64, Vec<Problem>) {
             problems.push(p(Some(e.offset), format!("image {} view {}: non-finite target values", row.image_id, row.view)));
         }
     }
-    let skipped: HashSet<u64> = match store.report(s) {
-        Ok(Some(r)) => r.skipped.iter().map(|x| x.image_id).collect(),
-        Ok(None) => HashSet::new(),
-        Err(e) => {
-            problems.push(p(None, e.to_string()));
-            HashSet::new()
+    // Paths: each image's path is the one of its position in the dataset
+    // listing, whose hash is in the manifest; within the store, one image
+    // keeps one path.
+    let mut paths = std::collections::HashMap::new();
+    for row in &rows {
+        if let Some(old) = paths.insert(row.image_id, &row.path)
+            && old != &row.path
+        {
+            problems.push(p(Some(row.offset), format!("image {}: two paths in the index ({old:?} and {:?})", row.image_id, row.path)));
         }
-    };
+    }
+    // The report must describe this shard and agree with its files.
+    let present = (0..reader.header().num_slots()).filter(|&slot| reader.entry(slot).is_present()).count() as u64;
+    if (report.shard, report.first_image, u64::from(report.num_images)) != (s, range.start, range.end - range.start) {
+        problems.push(p(
+            None,
+            format!(
+                "report says shard {} with images {}..{}, the layout has images {}..{} in shard {s}",
+                report.shard,
+                report.first_image,
+                report.first_image.saturating_add(u64::from(report.num_images)),
+                range.start,
+                range.end
+            ),
+        ));
+    }
+    if report.views_stored != present || report.views_stored != rows.len() as u64 {
+        problems.push(p(
+            None,
+            format!("report says {} views stored; the shard holds {present} and the index lists {}", report.views_stored, rows.len()),
+        ));
+    }
+    if report.shard_bytes != reader.file_len() {
+        problems.push(p(None, format!("report says the shard file has {} bytes, it has {}", report.shard_bytes, reader.file_len())));
+    }
+    let skipped: HashSet<u64> = report.skipped.iter().map(|x| x.image_id).collect();
+    if let Some(x) = report.skipped.iter().find(|x| !range.contains(&x.image_id)) {
+        problems.push(p(None, format!("report lists image {} ({}) as skipped, outside this shard", x.image_id, x.path)));
+    }
     for img in range.clone() {
         for v in 0..k {
-            let slot = (img - range.start) * u64::from(k) + u64::from(v);
+            let (_, slot) = m.layout.slot(img, v, k);
             let present = reader.entry(slot).is_present();
             if skipped.contains(&img) {
                 if present {
@@ -221,6 +271,37 @@ fn verify_shard(store: &Store, s: u32) -> (u64, Vec<Problem>) {
         }
     }
     (rows.len() as u64, problems)
+}
+
+/// The manifest's file-list hash against the paths the store records
+/// (index rows and skipped files), when every shard is complete.
+fn verify_paths(store: &Store) -> Vec<Problem> {
+    let m = store.manifest();
+    let mut paths: Vec<Option<String>> = vec![None; usize::try_from(m.dataset.num_images).unwrap_or(0)];
+    for s in 0..m.layout.num_shards {
+        let (Ok(Some(report)), Ok(rows)) = (store.report(s), store.index_of(s)) else { return Vec::new() };
+        let named = rows.into_iter().map(|r| (r.image_id, r.path)).chain(report.skipped.into_iter().map(|x| (x.image_id, x.path)));
+        for (id, path) in named {
+            if let Some(slot) = usize::try_from(id).ok().and_then(|i| paths.get_mut(i)) {
+                *slot = Some(path);
+            }
+        }
+    }
+    let mut h = sha2::Sha256::new();
+    for path in &paths {
+        let Some(path) = path else { return Vec::new() }; // reported per shard already
+        h.update(path.as_bytes());
+        h.update(b"\n");
+    }
+    if hex::encode(h.finalize()) == m.dataset.file_list_sha256 {
+        Vec::new()
+    } else {
+        vec![Problem {
+            shard: None,
+            offset: None,
+            what: "the image paths in the index and reports do not hash to the manifest's dataset.file_list_sha256 (a damaged path)".into(),
+        }]
+    }
 }
 
 /// Check every checksum, that index and shards agree, that no view is
@@ -246,11 +327,11 @@ pub fn verify(root: &Path, progress: bool) -> Result<VerifyReport> {
         })
         .collect();
     bar.finish_and_clear();
-    Ok(VerifyReport {
-        shards_checked: n,
-        views_checked: results.iter().map(|r| r.0).sum(),
-        problems: results.into_iter().flat_map(|r| r.1).collect(),
-    })
+    let mut problems: Vec<Problem> = results.iter().flat_map(|r| r.1.iter().cloned()).collect();
+    if problems.is_empty() {
+        problems = verify_paths(&store);
+    }
+    Ok(VerifyReport { shards_checked: n, views_checked: results.iter().map(|r| r.0).sum(), problems })
 }
 
 /// Statistics of one view's targets.
@@ -295,20 +376,60 @@ fn cos(a: &[f32], b: &[f32]) -> f64 {
     d / (na.sqrt() * nb.sqrt()).max(1e-30)
 }
 
-/// Find an image by id or by its relative path.
+/// The index rows of one image, found by id or by its path relative to the
+/// dataset root (or a path suffix such as the file name), reading as few
+/// index parts as possible: an id names its shard; a full path is found by
+/// binary search, since ids (and so shards) follow the sorted paths; only a
+/// suffix needs a scan, one part at a time.
 ///
 /// # Errors
-/// When no stored view matches.
-pub fn find_image(rows: &[shard_store::IndexRow], image: &str) -> Result<u64> {
+/// When no stored view matches, or an index part cannot be read.
+pub fn image_rows(store: &Store, image: &str) -> Result<Vec<shard_store::IndexRow>> {
+    let m = store.manifest();
+    let n = m.layout.num_shards;
+    let of = |rows: Vec<shard_store::IndexRow>, pick: &dyn Fn(&shard_store::IndexRow) -> bool| -> Vec<shard_store::IndexRow> {
+        let id = rows.iter().find(|r| pick(r)).map(|r| r.image_id);
+        rows.into_iter().filter(|r| Some(r.image_id) == id).collect()
+    };
     if let Ok(id) = image.parse::<u64>()
-        && rows.iter().any(|r| r.image_id == id)
+        && id < m.dataset.num_images
     {
-        return Ok(id);
+        let s = (id / u64::from(m.layout.images_per_shard)) as u32;
+        if store.is_done(s) {
+            let rows = of(store.index_of(s)?, &|r| r.image_id == id);
+            if !rows.is_empty() {
+                return Ok(rows);
+            }
+        }
     }
-    rows.iter()
-        .find(|r| r.path == image || r.path.ends_with(&format!("/{image}")))
-        .map(|r| r.image_id)
-        .ok_or_else(|| anyhow::anyhow!("no stored image {image:?} (give an image id or a path relative to the dataset root)"))
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if !store.is_done(mid) {
+            break;
+        }
+        let rows = store.index_of(mid)?;
+        let (Some(first), Some(last)) = (rows.first(), rows.last()) else { break };
+        if image < first.path.as_str() {
+            hi = mid;
+        } else if image > last.path.as_str() {
+            lo = mid + 1;
+        } else {
+            let found = of(rows, &|r| r.path == image);
+            if !found.is_empty() {
+                return Ok(found);
+            }
+            break;
+        }
+    }
+    let suffix = format!("/{image}");
+    for s in (0..n).filter(|&s| store.is_done(s)) {
+        let found = of(store.index_of(s)?, &|r| r.path == image || r.path.ends_with(&suffix));
+        if !found.is_empty() {
+            return Ok(found);
+        }
+    }
+    anyhow::bail!("no stored image {image:?} (give an image id or a path relative to the dataset root)")
 }
 
 /// Statistics of the targets of `image` (all views, or one).
@@ -317,8 +438,8 @@ pub fn find_image(rows: &[shard_store::IndexRow], image: &str) -> Result<u64> {
 /// Unknown image or store errors.
 pub fn show(root: &Path, image: &str, view: Option<u32>) -> Result<Show> {
     let store = Store::open_partial(root).with_context(|| format!("opening store {}", root.display()))?;
-    let rows = store.index()?;
-    let id = find_image(&rows, image)?;
+    let rows = image_rows(&store, image)?;
+    let id = rows[0].image_id;
     let m = store.manifest();
     let (d, cls) = (m.teacher.dim as usize, m.teacher.has_cls);
     let [gh, gw] = m.teacher.grid.map(|g| g as usize);
@@ -460,8 +581,8 @@ pub fn compare(a: &Path, b: &Path) -> Result<Comparison> {
 pub fn render(root: &Path, data: Option<&Path>, image: &str, view: Option<u32>, out: &Path) -> Result<(u32, u32)> {
     let store = Store::open_partial(root).with_context(|| format!("opening store {}", root.display()))?;
     let m = store.manifest().clone();
-    let rows = store.index()?;
-    let id = find_image(&rows, image)?;
+    let rows = image_rows(&store, image)?;
+    let id = rows[0].image_id;
     let data = data.map(Path::to_path_buf).unwrap_or_else(|| std::path::PathBuf::from(&m.dataset.root));
     let chosen: Vec<_> = rows.iter().filter(|r| r.image_id == id && view.is_none_or(|v| v == r.view)).collect();
     anyhow::ensure!(!chosen.is_empty(), "image {id} has no such view");

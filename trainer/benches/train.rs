@@ -19,14 +19,12 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
-use shard_store::Codec;
-use target_extractor::{Dataset, ExtractConfig, TeacherSpec, deps_dir, run_extract};
+use target_extractor::{Dataset, ExtractConfig, run_extract};
+use teacher::{TeacherSpec, deps_dir};
 use trainer::loader::{DataSource, LoaderConfig};
-use trainer::loss::{LossConfig, LossKind, Weighting};
 use trainer::masking::{MaskGenerator, Masking};
-use trainer::model::{ModelConfig, Preset};
-use trainer::optim::AdamWConfig;
-use trainer::{RunOptions, TrainConfig, run_train};
+use trainer::model::Preset;
+use trainer::{Budget, RunOptions, TrainConfig, run_train};
 
 fn main() {
     let ws = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_owned();
@@ -61,48 +59,18 @@ fn main() {
     let store = tmp.path().join("store");
     eprintln!("bench: extracting {images} images x 1 view with {}", teacher.display());
     let x = run_extract(&ExtractConfig {
-        data: sub.clone(),
-        out: store.clone(),
-        teacher: TeacherSpec { path: teacher.clone(), ..Default::default() },
         views: 1,
         batch: 8,
-        threads: cores,
         decode_threads: 1,
-        codec: Codec::F16,
-        seed: 0,
-        student_size: 224,
-        images_per_shard: 256,
-        num_workers: 1,
-        worker_index: 0,
-        shards: None,
-        apply_exif_orientation: true,
-        dump_inputs: None,
-        progress: false,
+        ..ExtractConfig::new(sub.clone(), store.clone(), TeacherSpec { path: teacher.clone(), ..Default::default() })
     })
     .expect("extract");
     let m = x.manifest.expect("manifest");
 
     // 1. step time, cached vs live
     let preset = Preset::parse(&model).expect("--model tiny|small|base|large");
-    let mc = ModelConfig::preset(preset, i64::from(m.teacher.dim));
-    let cfg = |live: bool| TrainConfig {
-        store: store.clone(),
-        data: sub.clone(),
-        num_masked: mc.default_masked() as usize,
-        model: mc.clone(),
-        loss: LossConfig { kind: LossKind::Cosine, weighting: Weighting::Code, visible: true, masked: true },
-        masking: Masking::Block,
-        batch,
-        steps,
-        lr: 5e-4,
-        min_lr: 1e-5,
-        warmup_steps: 1,
-        adamw: AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05 },
-        clip_grad: 3.0,
-        seed: 0,
-        live_teacher: live.then(|| teacher.clone()),
-        train_views: None,
-    };
+    let base = TrainConfig::paper(&store, &sub, preset, batch, Budget::Steps(steps), None).expect("config");
+    let cfg = |live: bool| TrainConfig { lr: 5e-4, warmup_steps: 1, live_teacher: live.then(|| teacher.clone()), ..base.clone() };
     let mut step_secs = [0f64; 2];
     for (i, live) in [false, true].into_iter().enumerate() {
         let opts = RunOptions {
@@ -148,6 +116,19 @@ fn main() {
         }));
         targets.extend_from_slice(st.targets(*img, *v).expect("ok").expect("stored").bytes);
     }
+    // what the loader's per-record CRC-32C check costs, next to a sample
+    let record_len = st.targets(samples[0].0, samples[0].1).expect("ok").expect("stored").bytes.len();
+    let reps = 200;
+    let t = Instant::now();
+    let mut acc = 0u32;
+    for _ in 0..reps {
+        for chunk in targets.chunks(record_len) {
+            acc ^= crc32c::crc32c(std::hint::black_box(chunk));
+        }
+    }
+    std::hint::black_box(acc);
+    let crc_us = t.elapsed().as_secs_f64() * 1e6 / (reps * samples.len()) as f64;
+    let sample_us = 1e6 / rust_sps;
     let spec_path = tmp.path().join("loader.json");
     let tpath = tmp.path().join("targets.f16");
     std::fs::write(
@@ -179,6 +160,10 @@ fn main() {
         "| loader, one core (decode + view rebuild + targets) | {rust_sps:.1} samples/s | {py_sps:.1} samples/s (PIL + memmap) | {:.2}x |",
         rust_sps / py_sps
     );
+    println!(
+        "| record CRC-32C check ({record_len} bytes), one core | {crc_us:.2} us/sample | {sample_us:.0} us/sample (whole loader) | {:.2}% of it |",
+        100.0 * crc_us / sample_us
+    );
     println!("\nteacher: {} ({} tokens x {}, {} px)", m.teacher.name, m.teacher.tokens, m.teacher.dim, m.teacher.input_size);
     let dir = ws.join("target/bench");
     std::fs::create_dir_all(&dir).expect("mkdir");
@@ -186,7 +171,7 @@ fn main() {
         "teacher": m.teacher.name, "teacher_input": m.teacher.input_size, "model": model, "batch": batch, "steps": steps,
         "device": device, "images": images, "step_seconds_cached": step_secs[0], "step_seconds_live": step_secs[1],
         "live_over_cached": step_secs[1] / step_secs[0], "loader_samples_per_second_one_core": rust_sps,
-        "python_loader_samples_per_second_one_core": py_sps,
+        "python_loader_samples_per_second_one_core": py_sps, "record_bytes": record_len, "record_crc_microseconds": crc_us,
     });
     std::fs::write(dir.join("train.json"), serde_json::to_string_pretty(&report).expect("json")).expect("write");
 }

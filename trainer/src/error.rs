@@ -46,7 +46,7 @@ pub enum TrainError {
     Store(#[from] shard_store::StoreError),
     /// The live teacher failed.
     #[error(transparent)]
-    Teacher(#[from] target_extractor::ExtractError),
+    Teacher(#[from] teacher::TeacherError),
 }
 
 impl TrainError {

@@ -23,5 +23,6 @@ mod train;
 
 pub use error::{Result, TrainError};
 pub use train::{
-    LoadedModel, Metrics, RunOptions, TrainConfig, TrainSummary, alignment, initial_model, latest_checkpoint, load_checkpoint, run_train,
+    Budget, LoadedModel, MAX_BATCH, MAX_STEPS, MAX_THREADS, Metrics, PAPER_EPOCHS, RunOptions, TrainConfig, TrainSummary, alignment,
+    initial_model, latest_checkpoint, load_checkpoint, run_train,
 };

@@ -252,6 +252,12 @@ impl DataSource {
                         TrainError::Data(format!("image {} view {view}: listed in the index but not stored", iv.image_id))
                     })?;
                     let values = t.to_vec();
+                    if values.iter().any(|x| !x.is_finite()) {
+                        return Err(TrainError::Data(format!(
+                            "image {} view {view}: its stored targets are not finite (damaged store; run `caev2 inspect verify`)",
+                            iv.image_id
+                        )));
+                    }
                     target =
                         if from == (cfg.grid, cfg.grid) { values } else { resample_grid(&values, dim, true, from, (cfg.grid, cfg.grid)) };
                 }

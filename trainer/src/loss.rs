@@ -6,6 +6,7 @@ use tch::{Kind, Reduction, Tensor};
 
 /// Per-token distance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum LossKind {
     /// `1 - cos(p, t)` (default).
@@ -18,6 +19,7 @@ pub enum LossKind {
 
 /// How `l_v` and `l_z` are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Weighting {
     /// Released code: one mean over all `B x (1 + Nv + Nm)` tokens, so each
@@ -38,6 +40,13 @@ pub struct LossConfig {
     pub visible: bool,
     /// Whether `l_z` is on.
     pub masked: bool,
+}
+
+impl Default for LossConfig {
+    /// The paper's: both losses, cosine, the released code's weighting.
+    fn default() -> Self {
+        Self { kind: LossKind::Cosine, weighting: Weighting::Code, visible: true, masked: true }
+    }
 }
 
 /// The loss terms of one batch.

@@ -7,6 +7,7 @@ use caev2_views::SplitMix64;
 /// Which masking strategy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Masking {
     /// BEiT block-wise masking (REFERENCE.md, "Masking").
     Block,

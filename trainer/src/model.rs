@@ -12,6 +12,7 @@ use tch::{Kind, Tensor};
 
 /// Student size presets (REFERENCE.md, "Student model").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Preset {
     /// ViT-Tiny: 12 x 192, 12 heads; regressor 1 x 96; 30 of 196 masked.

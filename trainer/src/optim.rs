@@ -20,6 +20,13 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+impl Default for AdamWConfig {
+    /// The released scripts': (0.9, 0.999), eps 1e-8, weight decay 0.05.
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05 }
+    }
+}
+
 /// One parameter with its moments.
 #[derive(Debug)]
 struct Slot {

@@ -15,7 +15,7 @@ use crate::error::{Result, TrainError};
 use crate::loader::{DataSource, LoaderConfig};
 use crate::loss::{LossConfig, losses};
 use crate::masking::{MaskGenerator, Masking};
-use crate::model::{Cae2, ModelConfig, decays};
+use crate::model::{Cae2, ModelConfig, Preset, decays};
 use crate::optim::{AdamW, AdamWConfig, cosine_lr};
 
 /// The resolved configuration of a run, saved as `config.json`.
@@ -54,6 +54,132 @@ pub struct TrainConfig {
     /// Train on stored views `0..N` only, holding the rest out for `eval align`.
     #[serde(default)]
     pub train_views: Option<u32>,
+}
+
+/// How long a run trains: optimisation steps, or epochs of one stored view
+/// per image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// Optimisation steps.
+    Steps(u64),
+    /// Epochs (steps = epochs x full batches per epoch).
+    Epochs(u64),
+}
+
+/// Epochs of the paper's pretraining (its default budget).
+pub const PAPER_EPOCHS: u64 = 300;
+
+impl TrainConfig {
+    /// The paper's (and the released scripts') settings for a `preset`
+    /// student trained from `store`: the student sized for the store's views
+    /// and targets, AdamW (0.9, 0.999) with weight decay 0.05, peak learning
+    /// rate 1.5e-3 x batch / 2048 with 10/300 of the steps of warmup and a
+    /// cosine to 1e-5, gradient clipping at 3, both losses (cosine, the
+    /// code's weighting), block-wise masking of the preset's patch count.
+    /// `train_views` (`0..N`) restricts training to the first N stored views.
+    ///
+    /// # Errors
+    /// An unreadable or unusable store, a student size that is not a
+    /// multiple of the patch size, or a budget too large to count.
+    pub fn paper(store: &Path, data: &Path, preset: Preset, batch: usize, budget: Budget, train_views: Option<u32>) -> Result<Self> {
+        shard_store::check_local(store)?;
+        let manifest = shard_store::Manifest::read(store)?;
+        // the student's input size is the one the store's views were made for
+        // (224 px in the paper; 112 px pairs a /16 student with a 7x7 teacher grid)
+        let px = manifest.views.settings.student_size;
+        let base = ModelConfig::preset(preset, i64::from(manifest.teacher.dim));
+        let patch = base.patch_size;
+        let model = base.with_image_size(i64::from(px)).ok_or_else(|| TrainError::Incompatible {
+            store: store.to_owned(),
+            what: format!("its views are for a {px} px student, not a multiple of the patch size {patch}"),
+        })?;
+        if !(1..=MAX_BATCH).contains(&batch) {
+            return Err(TrainError::Config(format!("--batch {batch}: must be between 1 and {MAX_BATCH}")));
+        }
+        let steps = match budget {
+            Budget::Steps(s) => s,
+            Budget::Epochs(e) => {
+                // images with a view to train on, counted from the index
+                // (checked against the shard reports), never from report counters
+                let source = DataSource::open(store, data, px, train_views.map(|n| 0..n))?;
+                e.checked_mul(source.steps_per_epoch(batch).max(1))
+                    .ok_or_else(|| TrainError::Config(format!("--epochs {e}: too many steps to count")))?
+            }
+        };
+        Ok(Self {
+            store: store.to_owned(),
+            data: data.to_owned(),
+            num_masked: model.default_masked() as usize,
+            model,
+            loss: LossConfig::default(),
+            masking: Masking::Block,
+            batch,
+            steps,
+            lr: 1.5e-3 * batch as f64 / 2048.0,
+            min_lr: 1e-5,
+            warmup_steps: (steps as f64 * 10.0 / 300.0).round() as u64,
+            adamw: AdamWConfig::default(),
+            clip_grad: 3.0,
+            seed: 0,
+            live_teacher: None,
+            train_views,
+        })
+    }
+}
+
+/// Largest batch `train` accepts.
+pub const MAX_BATCH: usize = 65_536;
+/// Largest step count `train` accepts.
+pub const MAX_STEPS: u64 = 1 << 40;
+/// Largest `--threads`.
+pub const MAX_THREADS: usize = 1024;
+
+impl TrainConfig {
+    /// Check every setting against its bounds before anything is read or
+    /// written.
+    ///
+    /// # Errors
+    /// [`TrainError::Config`] naming the setting.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(TrainError::Config(what));
+        let finite_in = |x: f64, lo: f64, hi: f64| x.is_finite() && (lo..=hi).contains(&x);
+        if !(1..=MAX_BATCH).contains(&self.batch) {
+            return bad(format!("--batch {}: must be between 1 and {MAX_BATCH}", self.batch));
+        }
+        if !(1..=MAX_STEPS).contains(&self.steps) {
+            return bad(format!("{} steps: must be between 1 and {MAX_STEPS} (check --steps / --epochs)", self.steps));
+        }
+        if !(finite_in(self.lr, 0.0, 10.0) && self.lr > 0.0) {
+            return bad(format!("--lr {}: must be positive and at most 10", self.lr));
+        }
+        if !finite_in(self.min_lr, 0.0, 10.0) {
+            return bad(format!("--min-lr {}: must be between 0 and 10", self.min_lr));
+        }
+        if !finite_in(self.adamw.weight_decay, 0.0, 10.0) {
+            return bad(format!("--weight-decay {}: must be between 0 and 10", self.adamw.weight_decay));
+        }
+        if !(finite_in(self.adamw.beta2, 0.0, 1.0) && self.adamw.beta2 < 1.0) {
+            return bad(format!("--beta2 {}: must be in [0, 1)", self.adamw.beta2));
+        }
+        if !(self.clip_grad.is_finite() && self.clip_grad > 0.0) {
+            return bad(format!("--clip-grad {}: must be positive", self.clip_grad));
+        }
+        if !(finite_in(self.model.drop_path, 0.0, 1.0) && self.model.drop_path < 1.0) {
+            return bad(format!("--drop-path {}: must be in [0, 1)", self.model.drop_path));
+        }
+        if !(1..=64).contains(&self.model.regressor_depth) {
+            return bad(format!("--regressor-depth {}: must be between 1 and 64", self.model.regressor_depth));
+        }
+        if self.train_views == Some(0) {
+            return bad("--train-views 0: train on at least one stored view".into());
+        }
+        if !self.loss.visible && !self.loss.masked {
+            return bad("both losses are off: keep l_v or l_z".into());
+        }
+        shard_store::check_local(&self.store)?;
+        shard_store::check_local(&self.data)?;
+        Ok(())
+    }
 }
 
 /// Runtime settings that do not change results.
@@ -130,7 +256,8 @@ fn save_checkpoint(out: &Path, vs: &nn::VarStore, opt: &AdamW, step: u64, seed: 
     vs.save(tmp.join("model.safetensors"))?;
     let state = opt.state();
     Tensor::write_safetensors(&state, tmp.join("optimizer.safetensors"))?;
-    let st = serde_json::to_vec_pretty(&CheckpointState { step, seed }).unwrap_or_default();
+    let st = serde_json::to_vec_pretty(&CheckpointState { step, seed })
+        .map_err(|e| TrainError::Checkpoint { path: tmp.clone(), what: format!("cannot serialise the state: {e}") })?;
     std::fs::write(tmp.join("state.json"), st).map_err(TrainError::io(&tmp, "write state"))?;
     for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
         let p = tmp.join(f);
@@ -167,26 +294,182 @@ fn tensors_of(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     Ok(Tensor::read_safetensors(path)?.into_iter().collect())
 }
 
+/// The device and its description, with bf16 autocast on CUDA when asked.
+fn choose_device(opts: &RunOptions) -> Result<(tch::Device, String, bool)> {
+    let (device, mut line) = crate::device::choose(&opts.device).map_err(TrainError::Config)?;
+    let autocast = device.is_cuda() && opts.bf16;
+    if autocast {
+        if !crate::device::use_bf16_autocast() {
+            return Err(TrainError::Config("cannot switch CUDA autocast to bfloat16".into()));
+        }
+        line.push_str(", bf16 autocast");
+    } else if device.is_cuda() {
+        line.push_str(", fp32");
+    }
+    Ok((device, line, autocast))
+}
+
+/// Create or check the run folder's `config.json`. Returns whether the run
+/// resumes from a checkpoint. A run killed before its first checkpoint holds
+/// no progress: both a plain rerun and `--resume` start it over.
+fn prepare_run_folder(cfg: &TrainConfig, opts: &RunOptions) -> Result<bool> {
+    std::fs::create_dir_all(&opts.out).map_err(TrainError::io(&opts.out, "create run folder"))?;
+    let cfg_path = opts.out.join("config.json");
+    let has_checkpoint = opts.out.join("checkpoints/latest").exists();
+    if opts.resume && has_checkpoint {
+        let old: TrainConfig = serde_json::from_slice(&std::fs::read(&cfg_path).map_err(TrainError::io(&cfg_path, "read config"))?)
+            .map_err(|e| TrainError::Config(format!("{}: {e}", cfg_path.display())))?;
+        if &old != cfg {
+            return Err(TrainError::Config(format!(
+                "--resume: the settings differ from {} (resume with the same arguments)",
+                cfg_path.display()
+            )));
+        }
+        return Ok(true);
+    }
+    if has_checkpoint {
+        return Err(TrainError::Config(format!(
+            "{} already holds a run with checkpoints: pass --resume to continue it, or another --out",
+            opts.out.display()
+        )));
+    }
+    let json = serde_json::to_vec_pretty(cfg).map_err(|e| TrainError::Config(format!("cannot serialise the configuration: {e}")))?;
+    shard_store::write_file_atomic(&cfg_path, &json)?;
+    Ok(false)
+}
+
+/// Load the latest checkpoint's model and optimiser; returns its step.
+fn restore_checkpoint(out: &Path, vs: &mut nn::VarStore, opt: &mut AdamW, device: tch::Device) -> Result<u64> {
+    let ck = latest_checkpoint(out)?;
+    vs.load(ck.join("model.safetensors")).map_err(|e| TrainError::Checkpoint { path: ck.clone(), what: e.to_string() })?;
+    let state: CheckpointState = serde_json::from_slice(&std::fs::read(ck.join("state.json")).map_err(TrainError::io(&ck, "read state"))?)
+        .map_err(|e| TrainError::Checkpoint { path: ck.clone(), what: e.to_string() })?;
+    let t = tensors_of(&ck.join("optimizer.safetensors"))?.into_iter().map(|(k, v)| (k, v.to_device(device))).collect();
+    opt.load_state(&t, state.step as i64).map_err(|what| TrainError::Checkpoint { path: ck.clone(), what })?;
+    Ok(state.step)
+}
+
+/// `metrics.jsonl`, opened for appending: emptied for a new run; on resume,
+/// only the steps the checkpoint covers are kept.
+fn open_metrics(out: &Path, resume: bool, start: u64) -> Result<(PathBuf, std::fs::File)> {
+    let path = out.join("metrics.jsonl");
+    if resume {
+        let kept: String = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| serde_json::from_str::<Metrics>(l).is_ok_and(|m| m.step <= start))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        shard_store::write_file_atomic(&path, kept.as_bytes())?;
+    } else {
+        shard_store::write_file_atomic(&path, b"")?;
+    }
+    let file = std::fs::OpenOptions::new().append(true).open(&path).map_err(TrainError::io(&path, "open metrics"))?;
+    Ok((path, file))
+}
+
+/// The store's own teacher for `--live-teacher` (checked by its SHA-256).
+fn live_teacher(cfg: &TrainConfig, m: &shard_store::Manifest, threads: usize) -> Result<Option<teacher::Teacher>> {
+    let Some(p) = &cfg.live_teacher else { return Ok(None) };
+    let sha = teacher::sha256_file(p)?;
+    if sha != m.teacher.onnx_sha256 {
+        return Err(TrainError::Incompatible {
+            store: cfg.store.clone(),
+            what: format!("--live-teacher {} is not the store's teacher (sha256 {sha} vs {})", p.display(), m.teacher.onnx_sha256),
+        });
+    }
+    let spec = teacher::TeacherSpec {
+        path: p.clone(),
+        name: Some(m.teacher.name.clone()),
+        input_size: Some(m.teacher.input_size),
+        mean: Some(m.teacher.mean),
+        std: Some(m.teacher.std),
+        patch_size: Some(m.teacher.patch_size),
+        has_cls: Some(m.teacher.has_cls),
+        output: Some(m.teacher.output.clone()),
+    };
+    Ok(Some(teacher::Teacher::load(&spec, threads)?))
+}
+
+/// Everything one optimisation step needs besides the batch.
+struct Stepper<'a> {
+    cfg: &'a TrainConfig,
+    model: &'a Cae2,
+    device: tch::Device,
+    autocast: bool,
+    /// Patches per side of the student.
+    grid: usize,
+    /// The teacher's grid, when targets must be mapped to the student's.
+    teacher_grid: (usize, usize),
+    dim: i64,
+}
+
+impl Stepper<'_> {
+    /// The batch's targets as `[B, 1 + grid^2, D]`: read from the store, or
+    /// computed by the live teacher.
+    fn targets(&self, batch: &crate::loader::Batch, teacher: Option<&mut teacher::Teacher>) -> Result<Tensor> {
+        let b = self.cfg.batch as i64;
+        let tokens = 1 + (self.grid * self.grid) as i64;
+        let t = match teacher {
+            Some(t) => {
+                let out = t.forward(&batch.teacher_inputs, self.cfg.batch)?;
+                let per = out.len() / self.cfg.batch;
+                let student = (self.grid, self.grid);
+                let mapped: Vec<f32> = if self.teacher_grid == student {
+                    out
+                } else {
+                    out.chunks(per).flat_map(|c| shard_store::resample_grid(c, self.dim as usize, true, self.teacher_grid, student)).collect()
+                };
+                Tensor::from_slice(&mapped)
+            }
+            None => Tensor::from_slice(&batch.targets),
+        };
+        Ok(t.view([b, tokens, self.dim]).to_device(self.device))
+    }
+
+    /// Forward, losses, backward, clipping and the AdamW update of `step`.
+    fn step(&self, step: u64, batch: &crate::loader::Batch, targets: &Tensor, opt: &mut AdamW) -> Result<Metrics> {
+        let cfg = self.cfg;
+        let (b, s, dim) = (cfg.batch as i64, cfg.model.image_size, self.dim);
+        let np = (self.grid * self.grid) as i64;
+        let nm = cfg.num_masked as i64;
+        let images = Tensor::from_slice(&batch.images).view([b, 3, s, s]).to_device(self.device);
+        let visible = Tensor::from_slice(&batch.visible).view([b, np - nm]).to_device(self.device);
+        let masked = Tensor::from_slice(&batch.masked).view([b, nm]).to_device(self.device);
+
+        tch::manual_seed((cfg.seed as i64).wrapping_add(step as i64 + 1));
+        opt.zero_grad();
+        let out = tch::autocast(self.autocast, || self.model.forward(&images, &visible, &masked, true));
+        let out = crate::model::Output { visible: out.visible.to_kind(Kind::Float), masked: out.masked.to_kind(Kind::Float) };
+        let patches = targets.narrow(1, 1, np);
+        let target_v =
+            Tensor::cat(&[targets.narrow(1, 0, 1), patches.gather(1, &visible.unsqueeze(-1).expand([-1, -1, dim], false), false)], 1);
+        let target_z = patches.gather(1, &masked.unsqueeze(-1).expand([-1, -1, dim], false), false);
+        let l = losses(&out.visible, &target_v, &out.masked, &target_z, &cfg.loss);
+        l.total.backward();
+        let grad_norm = opt.clip_grad_norm(cfg.clip_grad);
+        let lr = cosine_lr(step as i64, cfg.steps as i64, cfg.warmup_steps as i64, cfg.lr, cfg.min_lr);
+        opt.step(lr);
+        let loss = l.total.to_kind(Kind::Double).double_value(&[]);
+        if !loss.is_finite() {
+            return Err(TrainError::Data(format!("step {}: the loss is {loss}; lower --lr or check the targets", step + 1)));
+        }
+        Ok(Metrics { step: step + 1, epoch: batch.epoch, loss, loss_v: l.visible, loss_z: l.masked, lr, grad_norm, images_per_sec: 0.0 })
+    }
+}
+
 /// Train (or resume) a CAE v2 student.
 ///
 /// # Errors
 /// Incompatible store, bad settings, data errors, IO, libtorch errors.
 pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let t0 = Instant::now();
-    if !cfg.loss.visible && !cfg.loss.masked {
-        return Err(TrainError::Config("both losses are off: keep l_v or l_z".into()));
+    cfg.validate()?;
+    if !(1..=MAX_THREADS).contains(&opts.threads) {
+        return Err(TrainError::Config(format!("--threads {}: must be between 1 and {MAX_THREADS}", opts.threads)));
     }
-    let (device, mut device_line) = crate::device::choose(&opts.device).map_err(TrainError::Config)?;
-    let autocast = device.is_cuda() && opts.bf16;
-    if autocast {
-        if crate::device::use_bf16_autocast() {
-            device_line.push_str(", bf16 autocast");
-        } else {
-            return Err(TrainError::Config("cannot switch CUDA autocast to bfloat16".into()));
-        }
-    } else if device.is_cuda() {
-        device_line.push_str(", fp32");
-    }
+    shard_store::check_local(&opts.out)?;
+    let (device, device_line, autocast) = choose_device(opts)?;
     tch::set_num_threads(opts.threads.max(1) as i32);
     let grid = cfg.model.grid() as usize;
     let source = Arc::new(DataSource::open(&cfg.store, &cfg.data, cfg.model.image_size as u32, cfg.train_views.map(|n| 0..n))?);
@@ -204,81 +487,12 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         return Err(TrainError::Config(format!("{} masked patches: must be between 1 and {}", cfg.num_masked, grid * grid - 1)));
     }
 
-    // run folder and configuration
-    std::fs::create_dir_all(&opts.out).map_err(TrainError::io(&opts.out, "create run folder"))?;
-    let cfg_path = opts.out.join("config.json");
-    let cfg_json = serde_json::to_vec_pretty(cfg).unwrap_or_default();
-    if opts.resume {
-        let old: TrainConfig = serde_json::from_slice(&std::fs::read(&cfg_path).map_err(TrainError::io(&cfg_path, "read config"))?)
-            .map_err(|e| TrainError::Config(format!("{}: {e}", cfg_path.display())))?;
-        if &old != cfg {
-            return Err(TrainError::Config(format!(
-                "--resume: the settings differ from {} (resume with the same arguments)",
-                cfg_path.display()
-            )));
-        }
-    } else if cfg_path.exists() {
-        return Err(TrainError::Config(format!(
-            "{} already holds a run: pass --resume to continue it, or another --out",
-            opts.out.display()
-        )));
-    } else {
-        shard_store::write_file_atomic(&cfg_path, &cfg_json)?;
-    }
-
+    let resume = prepare_run_folder(cfg, opts)?;
     let (mut vs, model) = Cae2::seeded(&cfg.model, cfg.seed, device);
     let mut opt = AdamW::new(cfg.adamw, vs.variables(), decays);
-    let mut start = 0u64;
-    if opts.resume {
-        let ck = latest_checkpoint(&opts.out)?;
-        vs.load(ck.join("model.safetensors")).map_err(|e| TrainError::Checkpoint { path: ck.clone(), what: e.to_string() })?;
-        let state: CheckpointState =
-            serde_json::from_slice(&std::fs::read(ck.join("state.json")).map_err(TrainError::io(&ck, "read state"))?)
-                .map_err(|e| TrainError::Checkpoint { path: ck.clone(), what: e.to_string() })?;
-        let t = tensors_of(&ck.join("optimizer.safetensors"))?.into_iter().map(|(k, v)| (k, v.to_device(device))).collect();
-        opt.load_state(&t, state.step as i64).map_err(|what| TrainError::Checkpoint { path: ck.clone(), what })?;
-        start = state.step;
-    }
-
-    // metrics: on resume keep only the steps the checkpoint covers
-    let metrics_path = opts.out.join("metrics.jsonl");
-    if opts.resume {
-        let kept: String = std::fs::read_to_string(&metrics_path)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| serde_json::from_str::<Metrics>(l).is_ok_and(|m| m.step <= start))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        shard_store::write_file_atomic(&metrics_path, kept.as_bytes())?;
-    } else {
-        shard_store::write_file_atomic(&metrics_path, b"")?;
-    }
-    let mut metrics_file =
-        std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(TrainError::io(&metrics_path, "open metrics"))?;
-
-    let mut teacher = match &cfg.live_teacher {
-        Some(p) => {
-            let sha = target_extractor::sha256_file(p)?;
-            if sha != m.teacher.onnx_sha256 {
-                return Err(TrainError::Incompatible {
-                    store: cfg.store.clone(),
-                    what: format!("--live-teacher {} is not the store's teacher (sha256 {sha} vs {})", p.display(), m.teacher.onnx_sha256),
-                });
-            }
-            let spec = target_extractor::TeacherSpec {
-                path: p.clone(),
-                name: Some(m.teacher.name.clone()),
-                input_size: Some(m.teacher.input_size),
-                mean: Some(m.teacher.mean),
-                std: Some(m.teacher.std),
-                patch_size: Some(m.teacher.patch_size),
-                has_cls: Some(m.teacher.has_cls),
-                output: Some(m.teacher.output.clone()),
-            };
-            Some(target_extractor::Teacher::load(&spec, opts.threads)?)
-        }
-        None => None,
-    };
+    let start = if resume { restore_checkpoint(&opts.out, &mut vs, &mut opt, device)? } else { 0 };
+    let (metrics_path, mut metrics_file) = open_metrics(&opts.out, resume, start)?;
+    let mut teacher = live_teacher(cfg, &m, opts.threads)?;
 
     let masks = MaskGenerator::new(grid, grid, cfg.num_masked, cfg.masking);
     let loader_cfg = LoaderConfig {
@@ -299,74 +513,28 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     bar.set_position(start);
     bar.println(&device_line);
 
-    let b = cfg.batch as i64;
-    let s = cfg.model.image_size;
-    let np = (grid * grid) as i64;
-    let nm = cfg.num_masked as i64;
-    let (tokens, dim) = (1 + np, i64::from(m.teacher.dim));
-    let from = (m.teacher.grid[0] as usize, m.teacher.grid[1] as usize);
-    let mut summary = TrainSummary {
-        start_step: start,
-        steps: start,
-        metrics: Vec::new(),
-        elapsed: Duration::ZERO,
-        device: device_line,
-        checkpoint: None,
+    let stepper = Stepper {
+        cfg,
+        model: &model,
+        device,
+        autocast,
+        grid,
+        teacher_grid: (m.teacher.grid[0] as usize, m.teacher.grid[1] as usize),
+        dim: i64::from(m.teacher.dim),
     };
+    let mut summary =
+        TrainSummary { start_step: start, steps: start, metrics: Vec::new(), elapsed: Duration::ZERO, device: device_line, checkpoint: None };
     let mut last = Instant::now();
     for step in start..cfg.steps {
         let batch = rx.recv().map_err(|_| TrainError::Data("the loader stopped unexpectedly".into()))??;
-        let images = Tensor::from_slice(&batch.images).view([b, 3, s, s]).to_device(device);
-        let targets = match teacher.as_mut() {
-            Some(t) => {
-                let out = t.forward(&batch.teacher_inputs, cfg.batch)?;
-                let per = out.len() / cfg.batch;
-                let mapped: Vec<f32> = if from == (grid, grid) {
-                    out
-                } else {
-                    out.chunks(per).flat_map(|c| shard_store::resample_grid(c, dim as usize, true, from, (grid, grid))).collect()
-                };
-                Tensor::from_slice(&mapped)
-            }
-            None => Tensor::from_slice(&batch.targets),
-        }
-        .view([b, tokens, dim])
-        .to_device(device);
-        let visible = Tensor::from_slice(&batch.visible).view([b, np - nm]).to_device(device);
-        let masked = Tensor::from_slice(&batch.masked).view([b, nm]).to_device(device);
-
-        tch::manual_seed((cfg.seed as i64).wrapping_add(step as i64 + 1));
-        opt.zero_grad();
-        let out = tch::autocast(autocast, || model.forward(&images, &visible, &masked, true));
-        let out = crate::model::Output { visible: out.visible.to_kind(Kind::Float), masked: out.masked.to_kind(Kind::Float) };
-        let patches = targets.narrow(1, 1, np);
-        let target_v =
-            Tensor::cat(&[targets.narrow(1, 0, 1), patches.gather(1, &visible.unsqueeze(-1).expand([-1, -1, dim], false), false)], 1);
-        let target_z = patches.gather(1, &masked.unsqueeze(-1).expand([-1, -1, dim], false), false);
-        let l = losses(&out.visible, &target_v, &out.masked, &target_z, &cfg.loss);
-        l.total.backward();
-        let grad_norm = opt.clip_grad_norm(cfg.clip_grad);
-        let lr = cosine_lr(step as i64, cfg.steps as i64, cfg.warmup_steps as i64, cfg.lr, cfg.min_lr);
-        opt.step(lr);
-        let loss = l.total.to_kind(Kind::Double).double_value(&[]);
-        if !loss.is_finite() {
-            return Err(TrainError::Data(format!("step {}: the loss is {loss}; lower --lr or check the targets", step + 1)));
-        }
+        let targets = stepper.targets(&batch, teacher.as_mut())?;
+        let mut met = stepper.step(step, &batch, &targets, &mut opt)?;
         let now = Instant::now();
-        let met = Metrics {
-            step: step + 1,
-            epoch: batch.epoch,
-            loss,
-            loss_v: l.visible,
-            loss_z: l.masked,
-            lr,
-            grad_norm,
-            images_per_sec: cfg.batch as f64 / now.duration_since(last).as_secs_f64().max(1e-9),
-        };
+        met.images_per_sec = cfg.batch as f64 / now.duration_since(last).as_secs_f64().max(1e-9);
         last = now;
-        let line = serde_json::to_string(&met).unwrap_or_default();
+        let line = serde_json::to_string(&met).map_err(|e| TrainError::Data(format!("cannot serialise metrics: {e}")))?;
         writeln!(metrics_file, "{line}").map_err(TrainError::io(&metrics_path, "append metrics"))?;
-        bar.set_message(format!("loss_v {:.4} loss_z {:.4} lr {:.2e} {:.1} img/s", met.loss_v, met.loss_z, lr, met.images_per_sec));
+        bar.set_message(format!("loss_v {:.4} loss_z {:.4} lr {:.2e} {:.1} img/s", met.loss_v, met.loss_z, met.lr, met.images_per_sec));
         bar.inc(1);
         summary.metrics.push(met);
         summary.steps = step + 1;

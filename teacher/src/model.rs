@@ -1,10 +1,4 @@
-//! The frozen teacher: an ONNX model run with ONNX Runtime.
-//!
-//! A teacher maps `[B, 3, S, S]` normalised images to `[B, T, D]` tokens
-//! (`T = has_cls + (S/patch)^2`). What caev2 needs to know about it (name,
-//! mean/std, patch size, CLS, output name, default input size) is read from
-//! `caev2.*` metadata properties in the ONNX file, which the project's export
-//! scripts write, and can be given or overridden on the command line.
+//! The teacher model: loading, identity, inference.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -16,7 +10,7 @@ use ort::value::TensorRef;
 use sha2::{Digest, Sha256};
 use shard_store::TeacherInfo;
 
-use crate::error::{ExtractError, Result};
+use crate::error::{Result, TeacherError};
 
 /// Where `scripts/setup.sh` installs things, baked in at build time.
 pub fn deps_dir() -> PathBuf {
@@ -39,7 +33,7 @@ static ENV: OnceLock<std::result::Result<Environment, String>> = OnceLock::new()
 /// The process-wide ONNX Runtime environment, loading the library once.
 ///
 /// # Errors
-/// [`ExtractError::Runtime`] when the library is missing or unusable.
+/// [`TeacherError::Runtime`] when the library is missing or unusable.
 pub fn environment() -> Result<&'static Environment> {
     ENV.get_or_init(|| {
         let lib = ort_library();
@@ -53,7 +47,7 @@ pub fn environment() -> Result<&'static Environment> {
             .map_err(|e| format!("cannot start ONNX Runtime from {}: {e}", lib.display()))
     })
     .as_ref()
-    .map_err(|e| ExtractError::Runtime(e.clone()))
+    .map_err(|e| TeacherError::Runtime(e.clone()))
 }
 
 /// What the user said about the teacher; `None` fields come from the
@@ -117,11 +111,11 @@ impl ClipModel {
     /// to create it.
     ///
     /// # Errors
-    /// [`ExtractError::Teacher`] when the file does not exist.
+    /// [`TeacherError::Model`] when the file does not exist.
     pub fn spec(self, models_dir: &Path) -> Result<TeacherSpec> {
         let path = models_dir.join(self.file_name());
         if !path.exists() {
-            return Err(ExtractError::Teacher {
+            return Err(TeacherError::Model {
                 path,
                 what: format!(
                     "not found. Export it once (needs torch + transformers and network access for the weights):\n  \
@@ -164,11 +158,11 @@ pub fn parse_triple(s: &str) -> Option<[f32; 3]> {
 /// IO errors.
 pub fn sha256_file(path: &Path) -> Result<String> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| ExtractError::io(path, "open", e))?;
+    let mut f = std::fs::File::open(path).map_err(|e| TeacherError::io(path, "open", e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(|e| ExtractError::io(path, "read", e))?;
+        let n = f.read(&mut buf).map_err(|e| TeacherError::io(path, "read", e))?;
         if n == 0 {
             break;
         }
@@ -182,10 +176,10 @@ impl Teacher {
     /// one forward pass.
     ///
     /// # Errors
-    /// [`ExtractError::Teacher`] naming the file and what does not fit.
+    /// [`TeacherError::Model`] naming the file and what does not fit.
     pub fn load(spec: &TeacherSpec, intra_threads: usize) -> Result<Self> {
         let path = spec.path.clone();
-        let bad = |what: String| ExtractError::Teacher { path: path.clone(), what };
+        let bad = |what: String| TeacherError::Model { path: path.clone(), what };
         if !path.exists() {
             return Err(bad("file not found".into()));
         }
@@ -300,7 +294,7 @@ impl Teacher {
         let outputs = self.session.run(ort::inputs![self.input_name.as_str() => tensor])?;
         let out = outputs
             .get(&self.output_name)
-            .ok_or_else(|| ExtractError::Runtime(format!("output {:?} missing from the results", self.output_name)))?;
+            .ok_or_else(|| TeacherError::Runtime(format!("output {:?} missing from the results", self.output_name)))?;
         let (shape, data) = out.try_extract_tensor::<f32>()?;
         Ok((shape.to_vec(), data.to_vec()))
     }
@@ -314,7 +308,7 @@ impl Teacher {
         let (shape, data) = self.forward_raw(input, batch)?;
         let expect = [batch as i64, i64::from(self.info.tokens), i64::from(self.info.dim)];
         if shape != expect {
-            return Err(ExtractError::Teacher { path: self.path.clone(), what: format!("output shape {shape:?}, expected {expect:?}") });
+            return Err(TeacherError::Model { path: self.path.clone(), what: format!("output shape {shape:?}, expected {expect:?}") });
         }
         Ok(data)
     }

@@ -1,0 +1,183 @@
+//! `caev2 extract`.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use shard_store::Codec;
+use target_extractor::{DEFAULT_BATCH, DEFAULT_IMAGES_PER_SHARD, DEFAULT_STUDENT_SIZE, DEFAULT_VIEWS, ExtractConfig, run_extract};
+use teacher::{ClipModel, TeacherSpec, models_dir};
+
+use super::parse_range;
+
+#[derive(Args)]
+pub struct ExtractArgs {
+    /// Image folder: ImageNet layout (DATA/<class>/<image>) or a flat folder.
+    #[arg(long)]
+    data: PathBuf,
+    /// Store folder to create or resume.
+    #[arg(long)]
+    out: PathBuf,
+    /// Built-in CLIP teacher (base16: ViT-B/16 at 224 px; large14: ViT-L/14
+    /// at 196 px), looked up in --models; see target-extractor/scripts/export_clip.py.
+    #[arg(long, value_name = "base16|large14", value_parser = parse_clip, conflicts_with = "teacher", required_unless_present = "teacher")]
+    clip: Option<ClipModel>,
+    /// Any ONNX teacher with one input [B,3,S,S] and a [B,tokens,dim] output,
+    /// e.g. .deps/models/efficientnet-lite0.onnx (semantic, ImageNet) or
+    /// .deps/models/dinov2-vits14.onnx.
+    #[arg(long, value_name = "FILE.onnx")]
+    teacher: Option<PathBuf>,
+    /// Folder of teacher models [default: $CAEV2_MODELS or .deps/models].
+    #[arg(long)]
+    models: Option<PathBuf>,
+    /// Views per image (K).
+    #[arg(long, default_value_t = DEFAULT_VIEWS)]
+    views: u32,
+    /// Teacher batch size.
+    #[arg(long, default_value_t = DEFAULT_BATCH)]
+    batch: usize,
+    /// ONNX Runtime threads [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Image decoding / augmentation threads [default: cores / 4, at least 1].
+    #[arg(long)]
+    decode_threads: Option<usize>,
+    /// Target codec.
+    #[arg(long, value_enum, default_value_t = Codec::F16)]
+    codec: Codec,
+    /// Seed of the view sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Student input size recorded with the views; `train` builds its
+    /// student for it (224: 14x14 patches of 16 px; 112: 7x7, the native grid
+    /// of the EfficientNet-Lite0 teacher, 4x cheaper steps).
+    #[arg(long, default_value_t = DEFAULT_STUDENT_SIZE)]
+    student_size: u32,
+    /// Teacher input size [default: the model's caev2.default_input_size].
+    #[arg(long)]
+    teacher_size: Option<u32>,
+    /// Teacher input mean R,G,B [default: from the model's metadata].
+    #[arg(long, value_name = "R,G,B", value_parser = parse_triple)]
+    teacher_mean: Option<[f32; 3]>,
+    /// Teacher input std R,G,B [default: from the model's metadata].
+    #[arg(long, value_name = "R,G,B", value_parser = parse_triple)]
+    teacher_std: Option<[f32; 3]>,
+    /// Teacher patch size [default: from the model's metadata].
+    #[arg(long)]
+    teacher_patch: Option<u32>,
+    /// Whether the teacher's first token is CLS [default: metadata, else true].
+    #[arg(long)]
+    teacher_has_cls: Option<bool>,
+    /// Name of the teacher output holding the tokens [default: first output].
+    #[arg(long)]
+    teacher_output: Option<String>,
+    /// Name recorded for the teacher [default: metadata or file name].
+    #[arg(long)]
+    teacher_name: Option<String>,
+    /// Images per shard (a shard is the unit of work, resume and locking).
+    #[arg(long, default_value_t = DEFAULT_IMAGES_PER_SHARD)]
+    images_per_shard: u32,
+    /// Split the work across N processes or machines writing one store...
+    #[arg(long, default_value_t = 1)]
+    num_workers: u32,
+    /// ...of which this is number I (it takes shards s with s % N == I).
+    #[arg(long, default_value_t = 0)]
+    worker_index: u32,
+    /// Only these shards, e.g. 0..100 (end exclusive).
+    #[arg(long, value_name = "A..B", value_parser = parse_range)]
+    shards: Option<Range<u32>>,
+    /// Ignore EXIF orientation (torchvision's default loader does).
+    #[arg(long)]
+    ignore_exif: bool,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Write every teacher input tensor to this folder (for tests).
+    #[arg(long, hide = true)]
+    debug_dump_inputs: Option<PathBuf>,
+}
+
+fn parse_triple(s: &str) -> Result<[f32; 3], String> {
+    teacher::parse_triple(s).ok_or_else(|| format!("{s:?}: expected three comma-separated numbers R,G,B"))
+}
+
+fn parse_clip(s: &str) -> Result<ClipModel, String> {
+    ClipModel::parse(s).ok_or_else(|| format!("{s:?}: expected base16 or large14"))
+}
+
+/// Run `caev2 extract`.
+pub fn run(a: ExtractArgs) -> Result<ExitCode> {
+    let models = a.models.clone().unwrap_or_else(models_dir);
+    let mut spec = match (a.clip, &a.teacher) {
+        (Some(c), None) => c.spec(&models)?,
+        (None, Some(t)) => TeacherSpec { path: t.clone(), ..Default::default() },
+        _ => bail!("give exactly one of --clip and --teacher"),
+    };
+    spec.input_size = a.teacher_size;
+    spec.mean = a.teacher_mean;
+    spec.std = a.teacher_std;
+    spec.patch_size = a.teacher_patch;
+    spec.has_cls = a.teacher_has_cls;
+    spec.output = a.teacher_output.clone();
+    spec.name = a.teacher_name.clone();
+    let defaults = ExtractConfig::new(a.data.clone(), a.out.clone(), spec);
+    let cfg = ExtractConfig {
+        views: a.views,
+        batch: a.batch,
+        threads: a.threads.unwrap_or(defaults.threads),
+        decode_threads: a.decode_threads.unwrap_or(defaults.decode_threads),
+        codec: a.codec,
+        seed: a.seed,
+        student_size: a.student_size,
+        images_per_shard: a.images_per_shard,
+        num_workers: a.num_workers,
+        worker_index: a.worker_index,
+        shards: a.shards.clone(),
+        apply_exif_orientation: !a.ignore_exif,
+        dump_inputs: a.debug_dump_inputs.clone(),
+        progress: super::progress(a.no_progress),
+        ..defaults
+    };
+    let s = run_extract(&cfg).with_context(|| format!("extracting {} into {}", a.data.display(), a.out.display()))?;
+    let secs = s.elapsed.as_secs_f64();
+    if a.json {
+        let j = serde_json::json!({
+            "store": a.out, "images": s.images, "shards_total": s.shards_total,
+            "shards_written": s.shards_written, "shards_already_done": s.shards_already_done,
+            "shards_busy": s.shards_busy, "shards_other_workers": s.shards_other_workers,
+            "views_stored": s.views_stored, "skipped": s.skipped, "bytes_written": s.bytes_written,
+            "seconds": secs, "views_per_second": s.views_stored as f64 / secs.max(1e-9),
+            "store_complete": s.store_complete,
+        });
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        println!(
+            "extract: {} views of {} images written in {:.1} s ({:.2} views/s), {:.1} MB",
+            s.views_stored,
+            s.images,
+            secs,
+            s.views_stored as f64 / secs.max(1e-9),
+            s.bytes_written as f64 / 1e6
+        );
+        println!(
+            "shards: {} written now, {} already complete, {} held by another process, {} for other workers; store {}",
+            s.shards_written,
+            s.shards_already_done,
+            s.shards_busy,
+            s.shards_other_workers,
+            if s.store_complete { "complete" } else { "NOT complete yet" }
+        );
+        if !s.skipped.is_empty() {
+            println!("skipped {} undecodable files (also listed in {}/done/*.json):", s.skipped.len(), a.out.display());
+            for sk in &s.skipped {
+                println!("  {}: {}", sk.path, sk.reason);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,143 @@
+//! `caev2 inspect summary | verify | show | render | compare`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum InspectCommand {
+    /// What a store holds: images, views, shards, bytes, teacher, view settings,
+    /// dataset, skipped files. Reads the manifest and shard reports only.
+    Summary {
+        /// Store folder.
+        store: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every checksum, that index and shards agree, that no view is
+    /// missing or duplicated, and that targets are finite. Exit code 1 on any
+    /// problem.
+    Verify {
+        /// Store folder.
+        store: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One image's view parameters and target statistics (token norms, mean
+    /// cosine of neighbouring tokens, CLS-patch similarity).
+    Show {
+        /// Store folder.
+        store: PathBuf,
+        /// Image id or path relative to the dataset root.
+        #[arg(long)]
+        image: String,
+        /// Only this view.
+        #[arg(long)]
+        view: Option<u32>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A PNG sheet: each view as the teacher saw it next to a 3-component PCA
+    /// colouring of its patch targets.
+    Render {
+        /// Store folder.
+        store: PathBuf,
+        /// Image id or path relative to the dataset root.
+        #[arg(long)]
+        image: String,
+        /// Only this view [default: all views of the image].
+        #[arg(long)]
+        view: Option<u32>,
+        /// Image folder [default: the dataset root recorded in the store].
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Output PNG.
+        #[arg(long)]
+        out: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Two stores of the same images and views (e.g. two codecs): mean/min
+    /// token cosine, max error, bytes per view of each.
+    Compare {
+        /// First store.
+        a: PathBuf,
+        /// Second store.
+        b: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Run `caev2 inspect ...`.
+pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
+    match cmd {
+        InspectCommand::Summary { store, json } => {
+            let s = tools::inspect::summary(&store)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", tools::inspect::format_summary(&s));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        InspectCommand::Show { store, image, view, json } => {
+            let s = tools::inspect::show(&store, &image, view)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", tools::inspect::format_show(&s));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        InspectCommand::Render { store, image, view, data, out, json } => {
+            let (w, h) = tools::inspect::render(&store, data.as_deref(), &image, view, &out)?;
+            if json {
+                println!("{}", serde_json::json!({"out": out, "width": w, "height": h}));
+            } else {
+                println!("render: {} ({w}x{h})", out.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        InspectCommand::Compare { a, b, json } => {
+            let c = tools::inspect::compare(&a, &b)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&c)?);
+            } else {
+                println!(
+                    "compare: {} views; token cosine mean {:.6} min {:.6}; max abs error {:.2e} (unit tokens); bytes/view {:.0} vs {:.0}",
+                    c.views, c.mean_cosine, c.min_cosine, c.max_abs_error, c.bytes_per_view_a, c.bytes_per_view_b
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        InspectCommand::Verify { store, json } => {
+            let r = tools::inspect::verify(&store, std::io::stderr().is_terminal() && !json)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                for p in &r.problems {
+                    let shard = p.shard.map(|s| format!("shard {s}")).unwrap_or_else(|| "store".into());
+                    let off = p.offset.map(|o| format!(" @ byte {o}")).unwrap_or_default();
+                    println!("PROBLEM {shard}{off}: {}", p.what);
+                }
+                println!(
+                    "verify: {} shards, {} views checked, {} problems{}",
+                    r.shards_checked,
+                    r.views_checked,
+                    r.problems.len(),
+                    if r.problems.is_empty() { ": store is intact" } else { "" }
+                );
+            }
+            Ok(if r.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+    }
+}
