@@ -209,6 +209,89 @@ enum Msg<'a> {
     End,
 }
 
+/// What the decode stage needs.
+struct Decode<'a> {
+    cfg: &'a ExtractConfig,
+    ds: &'a Dataset,
+    sampler: &'a ViewSampler,
+    pool: &'a rayon::ThreadPool,
+    /// Teacher input size.
+    size: u32,
+    mean: [f32; 3],
+    std: [f32; 3],
+    /// Images decoded in parallel at a time.
+    chunk: usize,
+}
+
+impl Decode<'_> {
+    /// The teacher inputs of every view of image `id`, or why it is skipped.
+    fn image(&self, id: u64) -> Msg<'static> {
+        let (cfg, file) = (self.cfg, &self.ds.files[id as usize]);
+        let skip = |reason: String| Msg::Skip(Skipped { image_id: id, path: file.rel.clone(), reason });
+        if let Some(why) = &file.problem {
+            return skip(why.clone());
+        }
+        let img = match decode_image(&self.ds.path_of(id as usize), cfg.apply_exif_orientation) {
+            Ok(d) => d.rgb,
+            Err(e) => return skip(e.to_string()),
+        };
+        let per_view = 3 * self.size as usize * self.size as usize;
+        let mut input = vec![0f32; per_view * cfg.views as usize];
+        let mut jobs = Vec::with_capacity(cfg.views as usize);
+        for (v, buf) in (0..cfg.views).zip(input.chunks_exact_mut(per_view)) {
+            let params = self.sampler.sample(id, v, img.width(), img.height());
+            normalize_chw(&render_view(&img, &params, self.size), self.mean, self.std, buf);
+            jobs.push(ViewJob { image_id: id, view: v, params });
+        }
+        Msg::Views(jobs, input)
+    }
+
+    /// With `--debug-dump-inputs`, write each view's teacher input.
+    fn dump(&self, m: &Msg<'_>) -> Result<()> {
+        if let (Some(dir), Msg::Views(jobs, input)) = (&self.cfg.dump_inputs, m) {
+            let per_view = input.len() / jobs.len().max(1);
+            for (j, buf) in jobs.iter().zip(input.chunks_exact(per_view.max(1))) {
+                let p = dir.join(format!("{}-{}.f32", j.image_id, j.view));
+                let bytes: Vec<u8> = buf.iter().flat_map(|x| x.to_le_bytes()).collect();
+                std::fs::write(&p, bytes).map_err(|e| ExtractError::io(&p, "write dump", e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Stage 1: claim each shard of `todo` (skipping those another process
+/// holds) and send, in image order, every image's rendered views or its
+/// skip, between the shard's `Start` and `End`. Returns the shards left to
+/// other processes.
+fn decode_stage<'a>(d: &Decode<'_>, store: &'a StoreWriter, todo: &[u32], tx: Sender<Msg<'a>>) -> Result<u32> {
+    let mut busy = 0;
+    let num_images = d.ds.files.len() as u64;
+    for &shard in todo {
+        let Some(claim) = store.try_claim(shard)? else {
+            busy += 1;
+            continue;
+        };
+        let ids: Vec<u64> = store.manifest().layout.images_of(shard, num_images).collect();
+        if tx.send(Msg::Start(claim)).is_err() {
+            return Ok(busy);
+        }
+        for part in ids.chunks(d.chunk) {
+            let prepared: Vec<Msg<'static>> = d.pool.install(|| part.par_iter().map(|&id| d.image(id)).collect());
+            for m in prepared {
+                d.dump(&m)?;
+                if tx.send(m).is_err() {
+                    return Ok(busy);
+                }
+            }
+        }
+        if tx.send(Msg::End).is_err() {
+            return Ok(busy);
+        }
+    }
+    Ok(busy)
+}
+
 /// Stage 2: gather rendered views into teacher batches of `batch`, run the
 /// teacher, and pass targets (and every other message, in order) on to the
 /// writer. A shard's last views are flushed at its end, so batches never
@@ -417,62 +500,9 @@ pub fn run_extract(cfg: &ExtractConfig) -> Result<ExtractSummary> {
     let (to_writer, from_infer) = bounded::<Msg<'_>>(4);
 
     let result = std::thread::scope(|scope| -> Result<()> {
-        let producer = scope.spawn(|| -> Result<u32> {
-            let tx = to_infer;
-            let mut busy = 0;
-            for &shard in &todo {
-                let Some(claim) = store.try_claim(shard)? else {
-                    busy += 1;
-                    continue;
-                };
-                let range = layout.images_of(shard, summary.images);
-                if tx.send(Msg::Start(claim)).is_err() {
-                    return Ok(busy);
-                }
-                let ids: Vec<u64> = range.collect();
-                for part in ids.chunks(chunk) {
-                    let prepared: Vec<Msg<'_>> = pool.install(|| {
-                        part.par_iter()
-                            .map(|&id| {
-                                let file = &ds.files[id as usize];
-                                let rel = &file.rel;
-                                if let Some(why) = &file.problem {
-                                    return Msg::Skip(Skipped { image_id: id, path: rel.clone(), reason: why.clone() });
-                                }
-                                let img = match decode_image(&ds.path_of(id as usize), cfg.apply_exif_orientation) {
-                                    Ok(d) => d.rgb,
-                                    Err(e) => return Msg::Skip(Skipped { image_id: id, path: rel.clone(), reason: e.to_string() }),
-                                };
-                                let mut input = vec![0f32; per_view * cfg.views as usize];
-                                let mut jobs = Vec::with_capacity(cfg.views as usize);
-                                for (v, buf) in (0..cfg.views).zip(input.chunks_exact_mut(per_view)) {
-                                    let params = sampler.sample(id, v, img.width(), img.height());
-                                    normalize_chw(&render_view(&img, &params, s), mean, std, buf);
-                                    jobs.push(ViewJob { image_id: id, view: v, params });
-                                }
-                                Msg::Views(jobs, input)
-                            })
-                            .collect()
-                    });
-                    for m in prepared {
-                        if let (Some(dir), Msg::Views(jobs, input)) = (&cfg.dump_inputs, &m) {
-                            for (j, buf) in jobs.iter().zip(input.chunks_exact(per_view)) {
-                                let p = dir.join(format!("{}-{}.f32", j.image_id, j.view));
-                                let bytes: Vec<u8> = buf.iter().flat_map(|x| x.to_le_bytes()).collect();
-                                std::fs::write(&p, bytes).map_err(|e| ExtractError::io(&p, "write dump", e))?;
-                            }
-                        }
-                        if tx.send(m).is_err() {
-                            return Ok(busy);
-                        }
-                    }
-                }
-                if tx.send(Msg::End).is_err() {
-                    return Ok(busy);
-                }
-            }
-            Ok(busy)
-        });
+        let decode = Decode { cfg, ds: &ds, sampler: &sampler, pool: &pool, size: s, mean, std, chunk };
+        let (store, todo) = (&store, &todo);
+        let producer = scope.spawn(move || decode_stage(&decode, store, todo, to_infer));
 
         let infer = scope.spawn(|| infer_stage(from_producer, to_writer, &mut teacher, cfg.batch, per_view));
 

@@ -109,6 +109,21 @@ fn show_matches_the_store() {
     assert!((-1.0..=1.0).contains(&nc));
     let by_id = json(&["inspect", "show", s(&f.f32), "--image", &id.to_string(), "--view", "0", "--json"]);
     assert_eq!(by_id["views"].as_array().expect("views").len(), 1);
+    // every image, in both shards, by full path (binary search over index
+    // parts), by file name (scan) and by id
+    let mut rows = store.index().expect("index");
+    rows.dedup_by_key(|r| r.image_id);
+    assert_eq!(rows.len(), 6);
+    for r in &rows {
+        let name = r.path.rsplit('/').next().expect("name");
+        for key in [r.path.as_str(), name, &r.image_id.to_string()] {
+            let j = json(&["inspect", "show", s(&f.f32), "--image", key, "--json"]);
+            assert_eq!(j["image_id"].as_u64(), Some(r.image_id), "{key}");
+            assert_eq!(j["path"].as_str(), Some(r.path.as_str()), "{key}");
+        }
+    }
+    let o = run(&["inspect", "show", s(&f.f32), "--image", "b/nope.JPEG"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no stored image"));
 }
 
 #[test]

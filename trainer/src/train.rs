@@ -418,7 +418,9 @@ impl Stepper<'_> {
                 let mapped: Vec<f32> = if self.teacher_grid == student {
                     out
                 } else {
-                    out.chunks(per).flat_map(|c| shard_store::resample_grid(c, self.dim as usize, true, self.teacher_grid, student)).collect()
+                    out.chunks(per)
+                        .flat_map(|c| shard_store::resample_grid(c, self.dim as usize, true, self.teacher_grid, student))
+                        .collect()
                 };
                 Tensor::from_slice(&mapped)
             }
@@ -522,8 +524,14 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         teacher_grid: (m.teacher.grid[0] as usize, m.teacher.grid[1] as usize),
         dim: i64::from(m.teacher.dim),
     };
-    let mut summary =
-        TrainSummary { start_step: start, steps: start, metrics: Vec::new(), elapsed: Duration::ZERO, device: device_line, checkpoint: None };
+    let mut summary = TrainSummary {
+        start_step: start,
+        steps: start,
+        metrics: Vec::new(),
+        elapsed: Duration::ZERO,
+        device: device_line,
+        checkpoint: None,
+    };
     let mut last = Instant::now();
     for step in start..cfg.steps {
         let batch = rx.recv().map_err(|_| TrainError::Data("the loader stopped unexpectedly".into()))??;
