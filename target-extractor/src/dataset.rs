@@ -45,7 +45,7 @@ impl Dataset {
     pub fn scan(root: &Path) -> Result<Self> {
         let meta = std::fs::metadata(root).map_err(|e| ExtractError::io(root, "read dataset folder", e))?;
         if !meta.is_dir() {
-            return Err(ExtractError::Dataset(format!("{} is not a folder", root.display())));
+            return Err(ExtractError::Dataset { root: root.to_owned(), what: "not a folder".into() });
         }
         let mut rels = Vec::new();
         walk(root, "", None, &mut rels)?;
@@ -60,11 +60,10 @@ impl Dataset {
             })
             .collect::<Vec<_>>();
         if files.is_empty() {
-            return Err(ExtractError::Dataset(format!(
-                "{} holds no images (looked for {} files, in class sub-folders or directly)",
-                root.display(),
-                IMAGE_EXTENSIONS.join("/")
-            )));
+            return Err(ExtractError::Dataset {
+                root: root.to_owned(),
+                what: format!("holds no images (looked for {} files, in class sub-folders or directly)", IMAGE_EXTENSIONS.join("/")),
+            });
         }
         Ok(Self { root: root.to_owned(), files, classes })
     }

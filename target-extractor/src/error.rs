@@ -17,20 +17,37 @@ pub enum ExtractError {
         source: std::io::Error,
     },
     /// The dataset folder is unusable.
-    #[error("{0}")]
-    Dataset(String),
+    #[error("{root}: {what}")]
+    Dataset {
+        /// The dataset folder.
+        root: PathBuf,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// A setting is outside its bounds.
+    #[error("{flag} {value}: {expected}")]
+    Setting {
+        /// The command-line option (`--views`, ...).
+        flag: &'static str,
+        /// The value given.
+        value: String,
+        /// What it must be.
+        expected: String,
+    },
     /// The teacher could not be loaded or run, or gave unusable outputs.
     #[error(transparent)]
     Teacher(#[from] teacher::TeacherError),
-    /// A worker thread died.
-    #[error("{0}")]
-    Runtime(String),
+    /// A pipeline thread could not start or died.
+    #[error("the {stage} thread {what}")]
+    Thread {
+        /// Which stage: decode, inference, writer.
+        stage: &'static str,
+        /// What happened.
+        what: String,
+    },
     /// The store refused or failed.
     #[error(transparent)]
     Store(#[from] shard_store::StoreError),
-    /// Invalid settings.
-    #[error("{0}")]
-    Config(String),
 }
 
 impl ExtractError {

@@ -124,38 +124,29 @@ impl ExtractConfig {
     /// corrected retry.
     ///
     /// # Errors
-    /// [`ExtractError::Config`] naming the option and its bounds.
+    /// [`ExtractError::Setting`] naming the option and its bounds.
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: String| Err(ExtractError::Config(what));
-        if !(1..=MAX_VIEWS).contains(&self.views) {
-            return bad(format!("--views {}: must be between 1 and {MAX_VIEWS}", self.views));
-        }
-        if !(1..=MAX_BATCH).contains(&self.batch) {
-            return bad(format!("--batch {}: must be between 1 and {MAX_BATCH}", self.batch));
-        }
-        if !(1..=MAX_IMAGES_PER_SHARD).contains(&self.images_per_shard) {
-            return bad(format!("--images-per-shard {}: must be between 1 and {MAX_IMAGES_PER_SHARD}", self.images_per_shard));
-        }
-        for (flag, n) in [("--threads", self.threads), ("--decode-threads", self.decode_threads)] {
-            if !(1..=MAX_THREADS).contains(&n) {
-                return bad(format!("{flag} {n}: must be between 1 and {MAX_THREADS}"));
+        fn bounded<T: PartialOrd + std::fmt::Display>(flag: &'static str, v: T, lo: T, hi: T, unit: &str) -> Result<()> {
+            if lo <= v && v <= hi {
+                return Ok(());
             }
+            Err(ExtractError::Setting { flag, value: v.to_string(), expected: format!("must be between {lo} and {hi}{unit}") })
         }
-        if !STUDENT_SIZES.contains(&self.student_size) {
-            return bad(format!(
-                "--student-size {}: must be between {} and {} px",
-                self.student_size,
-                STUDENT_SIZES.start(),
-                STUDENT_SIZES.end()
-            ));
-        }
-        if let Some(t) = self.teacher.input_size
-            && !TEACHER_SIZES.contains(&t)
-        {
-            return bad(format!("--teacher-size {t}: must be between {} and {} px", TEACHER_SIZES.start(), TEACHER_SIZES.end()));
+        bounded("--views", self.views, 1, MAX_VIEWS, "")?;
+        bounded("--batch", self.batch, 1, MAX_BATCH, "")?;
+        bounded("--images-per-shard", self.images_per_shard, 1, MAX_IMAGES_PER_SHARD, "")?;
+        bounded("--threads", self.threads, 1, MAX_THREADS, "")?;
+        bounded("--decode-threads", self.decode_threads, 1, MAX_THREADS, "")?;
+        bounded("--student-size", self.student_size, *STUDENT_SIZES.start(), *STUDENT_SIZES.end(), " px")?;
+        if let Some(t) = self.teacher.input_size {
+            bounded("--teacher-size", t, *TEACHER_SIZES.start(), *TEACHER_SIZES.end(), " px")?;
         }
         if self.num_workers == 0 || self.worker_index >= self.num_workers {
-            return bad(format!("--worker-index {} must be below --num-workers {}", self.worker_index, self.num_workers));
+            return Err(ExtractError::Setting {
+                flag: "--worker-index",
+                value: self.worker_index.to_string(),
+                expected: format!("must be below --num-workers {}", self.num_workers),
+            });
         }
         shard_store::check_local(&self.data).map_err(ExtractError::Store)?;
         shard_store::check_local(&self.out).map_err(ExtractError::Store)?;
@@ -450,14 +441,17 @@ pub fn run_extract(cfg: &ExtractConfig) -> Result<ExtractSummary> {
     let shard_bytes =
         u64::from(cfg.images_per_shard) * u64::from(cfg.views) * manifest.codec.encoded_len(manifest.values_per_view()) as u64;
     if shard_bytes > MAX_SHARD_BYTES {
-        return Err(ExtractError::Config(format!(
-            "--images-per-shard {} x --views {} x {} bytes per view makes {:.1} GB shards (at most {} GB): lower --images-per-shard",
-            cfg.images_per_shard,
-            cfg.views,
-            manifest.codec.encoded_len(manifest.values_per_view()),
-            shard_bytes as f64 / 1e9,
-            MAX_SHARD_BYTES / 1_000_000_000
-        )));
+        return Err(ExtractError::Setting {
+            flag: "--images-per-shard",
+            value: cfg.images_per_shard.to_string(),
+            expected: format!(
+                "with --views {} and {} bytes per view this makes {:.1} GB shards (at most {} GB); lower it",
+                cfg.views,
+                manifest.codec.encoded_len(manifest.values_per_view()),
+                shard_bytes as f64 / 1e9,
+                MAX_SHARD_BYTES / 1_000_000_000
+            ),
+        });
     }
     let store = StoreWriter::create_or_open(&cfg.out, &manifest)?;
     if let Some(d) = &cfg.dump_inputs {
@@ -487,7 +481,7 @@ pub fn run_extract(cfg: &ExtractConfig) -> Result<ExtractSummary> {
         .num_threads(cfg.decode_threads.max(1))
         .thread_name(|i| format!("caev2-decode-{i}"))
         .build()
-        .map_err(|e| ExtractError::Config(format!("cannot start decode threads: {e}")))?;
+        .map_err(|e| ExtractError::Thread { stage: "decode", what: format!("pool could not start: {e}") })?;
     let sampler = ViewSampler::new(cfg.seed, manifest.views.settings.clone());
     let s = manifest.teacher.input_size;
     let per_view = 3 * s as usize * s as usize;
@@ -508,9 +502,10 @@ pub fn run_extract(cfg: &ExtractConfig) -> Result<ExtractSummary> {
 
         let writer = scope.spawn(|| write_stage(from_infer, cfg, &manifest, &ds, &bar));
 
-        let w = writer.join().map_err(|_| ExtractError::Runtime("writer thread panicked".into()))?;
-        let i = infer.join().map_err(|_| ExtractError::Runtime("inference thread panicked".into()))?;
-        let p = producer.join().map_err(|_| ExtractError::Runtime("decode thread panicked".into()))?;
+        let died = |stage| ExtractError::Thread { stage, what: "panicked".into() };
+        let w = writer.join().map_err(|_| died("writer"))?;
+        let i = infer.join().map_err(|_| died("inference"))?;
+        let p = producer.join().map_err(|_| died("decode"))?;
         // The first stage to fail explains the others' early stops.
         let written = w?;
         i?;

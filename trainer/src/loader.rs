@@ -113,7 +113,7 @@ impl DataSource {
             return Err(bad("its teacher has no CLS token, but the CAE v2 loss aligns the CLS output".into()));
         }
         if !data.is_dir() {
-            return Err(TrainError::Config(format!("--data {}: not a folder", data.display())));
+            return Err(TrainError::setting("--data", data.display(), "must be a folder"));
         }
         // Shard by shard, so only one index part is decoded at a time; each
         // image keeps its path once and its views' parameters.
@@ -181,7 +181,7 @@ impl DataSource {
                 {
                     Ok(p) => p,
                     Err(e) => {
-                        let _ = tx.send(Err(TrainError::Config(format!("cannot start loader threads: {e}"))));
+                        let _ = tx.send(Err(TrainError::Loader(format!("could not start: {e}"))));
                         return;
                     }
                 };
@@ -229,16 +229,19 @@ impl DataSource {
                 let (view, params) = &iv.views[v];
                 let path = self.data.join(&iv.path);
                 let decoded = decode_image(&path, m.views.settings.apply_exif_orientation)
-                    .map_err(|e| TrainError::Data(format!("{e} (image {} of the store)", iv.image_id)))?;
+                    .map_err(|source| TrainError::Decode { image_id: iv.image_id, source })?;
                 if (decoded.rgb.width(), decoded.rgb.height()) != (params.image_width, params.image_height) {
-                    return Err(TrainError::Data(format!(
-                        "{}: decodes to {}x{}, the store recorded {}x{}: the image changed since extraction",
-                        path.display(),
-                        decoded.rgb.width(),
-                        decoded.rgb.height(),
-                        params.image_width,
-                        params.image_height
-                    )));
+                    return Err(TrainError::Image {
+                        path: path.clone(),
+                        image_id: iv.image_id,
+                        what: format!(
+                            "decodes to {}x{}, the store recorded {}x{}: the image changed since extraction",
+                            decoded.rgb.width(),
+                            decoded.rgb.height(),
+                            params.image_width,
+                            params.image_height
+                        ),
+                    });
                 }
                 let crop = render_crop(&decoded.rgb, params);
                 normalize_chw(&resize_bicubic(&crop, cfg.image_size, cfg.image_size), IMAGENET_MEAN, IMAGENET_STD, img_buf);
@@ -248,15 +251,18 @@ impl DataSource {
                     teacher_in = vec![0f32; per_teacher];
                     normalize_chw(&resize_bicubic(&crop, st as u32, st as u32), m.teacher.mean, m.teacher.std, &mut teacher_in);
                 } else {
-                    let t = self.store.targets(iv.image_id, *view)?.ok_or_else(|| {
-                        TrainError::Data(format!("image {} view {view}: listed in the index but not stored", iv.image_id))
+                    let t = self.store.targets(iv.image_id, *view)?.ok_or_else(|| TrainError::Targets {
+                        image_id: iv.image_id,
+                        view: *view,
+                        what: "listed in the index but not stored".into(),
                     })?;
                     let values = t.to_vec();
                     if values.iter().any(|x| !x.is_finite()) {
-                        return Err(TrainError::Data(format!(
-                            "image {} view {view}: its stored targets are not finite (damaged store; run `caev2 inspect verify`)",
-                            iv.image_id
-                        )));
+                        return Err(TrainError::Targets {
+                            image_id: iv.image_id,
+                            view: *view,
+                            what: "its stored targets are not finite (damaged store; run `caev2 inspect verify`)".into(),
+                        });
                     }
                     target =
                         if from == (cfg.grid, cfg.grid) { values } else { resample_grid(&values, dim, true, from, (cfg.grid, cfg.grid)) };

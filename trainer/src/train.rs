@@ -94,7 +94,7 @@ impl TrainConfig {
             what: format!("its views are for a {px} px student, not a multiple of the patch size {patch}"),
         })?;
         if !(1..=MAX_BATCH).contains(&batch) {
-            return Err(TrainError::Config(format!("--batch {batch}: must be between 1 and {MAX_BATCH}")));
+            return Err(TrainError::setting("--batch", batch, format!("must be between 1 and {MAX_BATCH}")));
         }
         let steps = match budget {
             Budget::Steps(s) => s,
@@ -103,7 +103,7 @@ impl TrainConfig {
                 // (checked against the shard reports), never from report counters
                 let source = DataSource::open(store, data, px, train_views.map(|n| 0..n))?;
                 e.checked_mul(source.steps_per_epoch(batch).max(1))
-                    .ok_or_else(|| TrainError::Config(format!("--epochs {e}: too many steps to count")))?
+                    .ok_or_else(|| TrainError::setting("--epochs", e, "too many steps to count"))?
             }
         };
         Ok(Self {
@@ -139,42 +139,42 @@ impl TrainConfig {
     /// written.
     ///
     /// # Errors
-    /// [`TrainError::Config`] naming the setting.
+    /// [`TrainError::Setting`] naming the setting.
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: String| Err(TrainError::Config(what));
+        let bad = |flag, value: &dyn std::fmt::Display, expected: &str| Err(TrainError::setting(flag, value, expected));
         let finite_in = |x: f64, lo: f64, hi: f64| x.is_finite() && (lo..=hi).contains(&x);
         if !(1..=MAX_BATCH).contains(&self.batch) {
-            return bad(format!("--batch {}: must be between 1 and {MAX_BATCH}", self.batch));
+            return bad("--batch", &self.batch, &format!("must be between 1 and {MAX_BATCH}"));
         }
         if !(1..=MAX_STEPS).contains(&self.steps) {
-            return bad(format!("{} steps: must be between 1 and {MAX_STEPS} (check --steps / --epochs)", self.steps));
+            return bad("--steps", &self.steps, &format!("must be between 1 and {MAX_STEPS} (check --steps / --epochs)"));
         }
         if !(finite_in(self.lr, 0.0, 10.0) && self.lr > 0.0) {
-            return bad(format!("--lr {}: must be positive and at most 10", self.lr));
+            return bad("--lr", &self.lr, "must be positive and at most 10");
         }
         if !finite_in(self.min_lr, 0.0, 10.0) {
-            return bad(format!("--min-lr {}: must be between 0 and 10", self.min_lr));
+            return bad("--min-lr", &self.min_lr, "must be between 0 and 10");
         }
         if !finite_in(self.adamw.weight_decay, 0.0, 10.0) {
-            return bad(format!("--weight-decay {}: must be between 0 and 10", self.adamw.weight_decay));
+            return bad("--weight-decay", &self.adamw.weight_decay, "must be between 0 and 10");
         }
         if !(finite_in(self.adamw.beta2, 0.0, 1.0) && self.adamw.beta2 < 1.0) {
-            return bad(format!("--beta2 {}: must be in [0, 1)", self.adamw.beta2));
+            return bad("--beta2", &self.adamw.beta2, "must be in [0, 1)");
         }
         if !(self.clip_grad.is_finite() && self.clip_grad > 0.0) {
-            return bad(format!("--clip-grad {}: must be positive", self.clip_grad));
+            return bad("--clip-grad", &self.clip_grad, "must be positive");
         }
         if !(finite_in(self.model.drop_path, 0.0, 1.0) && self.model.drop_path < 1.0) {
-            return bad(format!("--drop-path {}: must be in [0, 1)", self.model.drop_path));
+            return bad("--drop-path", &self.model.drop_path, "must be in [0, 1)");
         }
         if !(1..=64).contains(&self.model.regressor_depth) {
-            return bad(format!("--regressor-depth {}: must be between 1 and 64", self.model.regressor_depth));
+            return bad("--regressor-depth", &self.model.regressor_depth, "must be between 1 and 64");
         }
         if self.train_views == Some(0) {
-            return bad("--train-views 0: train on at least one stored view".into());
+            return bad("--train-views", &0, "train on at least one stored view");
         }
         if !self.loss.visible && !self.loss.masked {
-            return bad("both losses are off: keep l_v or l_z".into());
+            return bad("--no-lv --no-lz", &"", "both losses are off: keep l_v or l_z");
         }
         shard_store::check_local(&self.store)?;
         shard_store::check_local(&self.data)?;
@@ -296,11 +296,12 @@ fn tensors_of(path: &Path) -> Result<BTreeMap<String, Tensor>> {
 
 /// The device and its description, with bf16 autocast on CUDA when asked.
 fn choose_device(opts: &RunOptions) -> Result<(tch::Device, String, bool)> {
-    let (device, mut line) = crate::device::choose(&opts.device).map_err(TrainError::Config)?;
+    let (device, mut line) =
+        crate::device::choose(&opts.device).map_err(|what| TrainError::Device { device: opts.device.clone(), what })?;
     let autocast = device.is_cuda() && opts.bf16;
     if autocast {
         if !crate::device::use_bf16_autocast() {
-            return Err(TrainError::Config("cannot switch CUDA autocast to bfloat16".into()));
+            return Err(TrainError::Device { device: opts.device.clone(), what: "cannot switch CUDA autocast to bfloat16".into() });
         }
         line.push_str(", bf16 autocast");
     } else if device.is_cuda() {
@@ -318,22 +319,22 @@ fn prepare_run_folder(cfg: &TrainConfig, opts: &RunOptions) -> Result<bool> {
     let has_checkpoint = opts.out.join("checkpoints/latest").exists();
     if opts.resume && has_checkpoint {
         let old: TrainConfig = serde_json::from_slice(&std::fs::read(&cfg_path).map_err(TrainError::io(&cfg_path, "read config"))?)
-            .map_err(|e| TrainError::Config(format!("{}: {e}", cfg_path.display())))?;
+            .map_err(|source| TrainError::Json { path: cfg_path.clone(), source })?;
         if &old != cfg {
-            return Err(TrainError::Config(format!(
-                "--resume: the settings differ from {} (resume with the same arguments)",
-                cfg_path.display()
-            )));
+            return Err(TrainError::RunFolder {
+                path: cfg_path,
+                what: "--resume: the settings differ from this run's (resume with the same arguments)".into(),
+            });
         }
         return Ok(true);
     }
     if has_checkpoint {
-        return Err(TrainError::Config(format!(
-            "{} already holds a run with checkpoints: pass --resume to continue it, or another --out",
-            opts.out.display()
-        )));
+        return Err(TrainError::RunFolder {
+            path: opts.out.clone(),
+            what: "already holds a run with checkpoints: pass --resume to continue it, or another --out".into(),
+        });
     }
-    let json = serde_json::to_vec_pretty(cfg).map_err(|e| TrainError::Config(format!("cannot serialise the configuration: {e}")))?;
+    let json = serde_json::to_vec_pretty(cfg).map_err(|source| TrainError::Json { path: cfg_path.clone(), source })?;
     shard_store::write_file_atomic(&cfg_path, &json)?;
     Ok(false)
 }
@@ -454,7 +455,7 @@ impl Stepper<'_> {
         opt.step(lr);
         let loss = l.total.to_kind(Kind::Double).double_value(&[]);
         if !loss.is_finite() {
-            return Err(TrainError::Data(format!("step {}: the loss is {loss}; lower --lr or check the targets", step + 1)));
+            return Err(TrainError::Diverged { step: step + 1, loss });
         }
         Ok(Metrics { step: step + 1, epoch: batch.epoch, loss, loss_v: l.visible, loss_z: l.masked, lr, grad_norm, images_per_sec: 0.0 })
     }
@@ -468,7 +469,7 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let t0 = Instant::now();
     cfg.validate()?;
     if !(1..=MAX_THREADS).contains(&opts.threads) {
-        return Err(TrainError::Config(format!("--threads {}: must be between 1 and {MAX_THREADS}", opts.threads)));
+        return Err(TrainError::setting("--threads", opts.threads, format!("must be between 1 and {MAX_THREADS}")));
     }
     shard_store::check_local(&opts.out)?;
     let (device, device_line, autocast) = choose_device(opts)?;
@@ -483,10 +484,10 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         });
     }
     if source.steps_per_epoch(cfg.batch) == 0 {
-        return Err(TrainError::Config(format!("the store has {} images, fewer than one batch of {}", source.num_images(), cfg.batch)));
+        return Err(TrainError::setting("--batch", cfg.batch, format!("more than the store's {} images", source.num_images())));
     }
     if cfg.num_masked == 0 || cfg.num_masked >= grid * grid {
-        return Err(TrainError::Config(format!("{} masked patches: must be between 1 and {}", cfg.num_masked, grid * grid - 1)));
+        return Err(TrainError::setting("--num-masked", cfg.num_masked, format!("must be between 1 and {}", grid * grid - 1)));
     }
 
     let resume = prepare_run_folder(cfg, opts)?;
@@ -534,13 +535,13 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     };
     let mut last = Instant::now();
     for step in start..cfg.steps {
-        let batch = rx.recv().map_err(|_| TrainError::Data("the loader stopped unexpectedly".into()))??;
+        let batch = rx.recv().map_err(|_| TrainError::Loader("stopped unexpectedly".into()))??;
         let targets = stepper.targets(&batch, teacher.as_mut())?;
         let mut met = stepper.step(step, &batch, &targets, &mut opt)?;
         let now = Instant::now();
         met.images_per_sec = cfg.batch as f64 / now.duration_since(last).as_secs_f64().max(1e-9);
         last = now;
-        let line = serde_json::to_string(&met).map_err(|e| TrainError::Data(format!("cannot serialise metrics: {e}")))?;
+        let line = serde_json::to_string(&met).map_err(|source| TrainError::Json { path: metrics_path.clone(), source })?;
         writeln!(metrics_file, "{line}").map_err(TrainError::io(&metrics_path, "append metrics"))?;
         bar.set_message(format!("loss_v {:.4} loss_z {:.4} lr {:.2e} {:.1} img/s", met.loss_v, met.loss_z, met.lr, met.images_per_sec));
         bar.inc(1);
