@@ -1,6 +1,5 @@
 //! The Parquet index: one row per stored view (see FORMAT.md, "index").
 
-use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -91,22 +90,22 @@ fn to_batch(rows: &[IndexRow]) -> std::result::Result<RecordBatch, arrow::error:
     RecordBatch::try_new(Arc::new(schema()), columns)
 }
 
-/// Write `rows` as a Parquet file to `file` (zstd-compressed columns).
+/// The Parquet bytes of an index part holding `rows` (zstd level 3), to be
+/// written with [`crate::write_file_atomic`]; `path` names the file in
+/// errors.
 ///
 /// # Errors
-/// IO or Parquet errors, naming `path`.
-pub fn write_index(file: &File, path: &Path, rows: &[IndexRow]) -> Result<()> {
+/// Parquet errors naming `path`.
+pub fn encode_index(path: &Path, rows: &[IndexRow]) -> Result<Vec<u8>> {
     let perr = |source| StoreError::Parquet { path: path.to_owned(), source };
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).map_err(perr)?))
         .set_created_by("caev2 shard-store".into())
         .build();
     let batch = to_batch(rows).map_err(|e| perr(e.into()))?;
-    let mut w =
-        ArrowWriter::try_new(file.try_clone().map_err(io(path, "clone index handle"))?, batch.schema(), Some(props)).map_err(perr)?;
+    let mut w = ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props)).map_err(perr)?;
     w.write(&batch).map_err(perr)?;
-    w.close().map_err(perr)?;
-    Ok(())
+    w.into_inner().map_err(perr)
 }
 
 fn column<'a, T: 'static>(path: &Path, batch: &'a RecordBatch, name: &str) -> Result<&'a T> {
@@ -121,13 +120,21 @@ fn column<'a, T: 'static>(path: &Path, batch: &'a RecordBatch, name: &str) -> Re
 /// Read every row of the Parquet index file at `path`.
 ///
 /// # Errors
-/// IO, Parquet or schema errors naming `path`; a row whose jitter order is
-/// not a permutation of `bcs`, or whose crop box does not fit its image, is
-/// reported as corrupt.
+/// As [`decode_index`], and IO errors naming `path`.
 pub fn read_index(path: &Path) -> Result<Vec<IndexRow>> {
+    decode_index(path, std::fs::read(path).map_err(io(path, "read index"))?)
+}
+
+/// The rows of an index part from its bytes (read from `path`).
+///
+/// # Errors
+/// Parquet or schema errors naming `path`; a row whose jitter order is not
+/// a permutation of `bcs`, or whose crop box does not fit its image, is
+/// reported as corrupt.
+pub fn decode_index(path: &Path, bytes: Vec<u8>) -> Result<Vec<IndexRow>> {
     // The Parquet reader can panic on damaged bytes (seen in fuzzing); that
     // is a corrupt file, not a crash.
-    contain_panics(|| read_index_unguarded(path)).unwrap_or_else(|msg| {
+    contain_panics(|| decode_index_unguarded(path, bytes)).unwrap_or_else(|msg| {
         Err(StoreError::Corrupt { path: path.to_owned(), offset: 0, what: format!("the Parquet reader failed on damaged bytes ({msg})") })
     })
 }
@@ -155,10 +162,10 @@ fn contain_panics<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
     r.map_err(|p| p.downcast_ref::<&str>().map(|s| (*s).to_owned()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default())
 }
 
-fn read_index_unguarded(path: &Path) -> Result<Vec<IndexRow>> {
+fn decode_index_unguarded(path: &Path, bytes: Vec<u8>) -> Result<Vec<IndexRow>> {
     let perr = |source| StoreError::Parquet { path: path.to_owned(), source };
-    let file = File::open(path).map_err(io(path, "open index"))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(perr)?.with_batch_size(65536).build().map_err(perr)?;
+    let reader =
+        ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).map_err(perr)?.with_batch_size(65536).build().map_err(perr)?;
     let mut rows = Vec::new();
     for batch in reader {
         let b = batch.map_err(|e| perr(e.into()))?;

@@ -29,7 +29,7 @@ mod store;
 pub use codec::Codec;
 pub use error::{Result, StoreError};
 pub use grid::resample_grid;
-pub use index::{IndexRow, read_index, schema as index_schema, write_index};
+pub use index::{IndexRow, decode_index, encode_index, read_index, schema as index_schema};
 pub use manifest::{
     DatasetInfo, FORMAT_VERSION, Layout, MANIFEST_FILE, Manifest, OLDEST_SUPPORTED_VERSION, TeacherInfo, ViewsInfo, canonical_json,
 };

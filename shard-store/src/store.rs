@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::Codec;
 use crate::error::{Result, StoreError, io};
-use crate::index::{IndexRow, read_index, write_index};
+use crate::index::{IndexRow, decode_index, encode_index};
 use crate::manifest::Manifest;
 use crate::shard::{ShardReader, ShardWriter};
 
@@ -287,9 +287,9 @@ impl ShardClaim<'_> {
     pub fn commit(self, writer: ShardWriter, rows: &[IndexRow], mut report: ShardReport) -> Result<ShardReport> {
         let p = &self.store.paths;
         let index_path = p.index(self.shard);
-        report.index_bytes = atomic_write(&index_path, Replace::Yes, |f| write_index(f, &index_path, rows))?.unwrap_or(0);
-        let index_bytes = std::fs::read(&index_path).map_err(io(&index_path, "read back index"))?;
-        report.index_crc32c = Some(crc32c::crc32c(&index_bytes));
+        let index = encode_index(&index_path, rows)?;
+        report.index_crc32c = Some(crc32c::crc32c(&index));
+        report.index_bytes = write_file_atomic(&index_path, &index)?;
         report.shard_bytes = writer.finish()?;
         let done = p.done(self.shard);
         let json = serde_json::to_vec_pretty(&report).map_err(|source| StoreError::Json { path: done.clone(), source })?;
@@ -452,11 +452,11 @@ impl Store {
     ///
     /// # Errors
     /// IO, Parquet or schema errors; [`StoreError::Corrupt`] when the bytes
-    /// differ from the report or a row is impossible (see [`read_index`]).
+    /// differ from the report or a row is impossible (see [`decode_index`]).
     pub fn index_of(&self, s: u32) -> Result<Vec<IndexRow>> {
         let path = self.paths.index(s);
+        let bytes = std::fs::read(&path).map_err(io(&path, "read index"))?;
         if let Some(report) = self.report(s)? {
-            let bytes = std::fs::read(&path).map_err(io(&path, "read index"))?;
             if bytes.len() as u64 != report.index_bytes {
                 return Err(StoreError::Corrupt {
                     path,
@@ -474,7 +474,7 @@ impl Store {
                 });
             }
         }
-        read_index(&path)
+        decode_index(&path, bytes)
     }
 
     /// All index rows of complete shards, in shard order.

@@ -94,6 +94,29 @@ pub fn make_dataset(dst: &Path, files: &[(&str, PathBuf)]) {
     }
 }
 
+/// Six photos in two classes: `a/` the scikit-image astronaut, coffee and
+/// chelsea PNGs, `b/` the first three foolbox ImageNet JPEGs.
+pub fn two_class_photos(data: &Path) {
+    let photos = dep("data/photos");
+    let mut files: Vec<(&str, PathBuf)> = ["astronaut.png", "coffee.png", "chelsea.png"].iter().map(|f| ("a", photos.join(f))).collect();
+    files.extend(imagenet_photos(3).into_iter().map(|(_, p)| ("b", p)));
+    make_dataset(data, &files);
+}
+
+/// Copy a folder tree (a store, a run).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("ls") {
+        let e = e.expect("entry");
+        let dst = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).expect("copy");
+        }
+    }
+}
+
 /// The first `n` ImageNet photos shipped by foolbox (class folder, file).
 pub fn imagenet_photos(n: usize) -> Vec<(String, PathBuf)> {
     let root = dep("data/imagenet-mini");

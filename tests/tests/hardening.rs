@@ -16,10 +16,7 @@ fn s(p: &Path) -> &str {
 /// 6 photos in 2 classes, 2 views each, tiny teacher, 2 shards of 4 and 2 images.
 fn small_store(tmp: &Path) -> (PathBuf, PathBuf) {
     let data = tmp.join("data");
-    let photos = dep("data/photos");
-    let mut files: Vec<(&str, PathBuf)> = ["astronaut.png", "coffee.png", "chelsea.png"].iter().map(|f| ("a", photos.join(f))).collect();
-    files.extend(imagenet_photos(3).into_iter().map(|(_, p)| ("b", p)));
-    make_dataset(&data, &files);
+    two_class_photos(&data);
     let store = tmp.join("store");
     run_ok(&[
         "extract",
@@ -78,33 +75,13 @@ fn rewrite_index(store: &Path, edit: impl Fn(&mut Vec<IndexRow>)) {
     let mut rows = st.index_of(0).expect("index");
     edit(&mut rows);
     let path = store.join("index/shard-00000.parquet");
-    let file = std::fs::File::create(&path).expect("create");
-    shard_store::write_index(&file, &path, &rows).expect("write index");
-    drop(file);
-    let bytes = std::fs::read(&path).expect("read");
+    let bytes = shard_store::encode_index(&path, &rows).expect("encode index");
+    std::fs::write(&path, &bytes).expect("write index");
     let done = store.join("done/shard-00000.json");
     let mut report: ShardReport = serde_json::from_slice(&std::fs::read(&done).expect("report")).expect("json");
     report.index_bytes = bytes.len() as u64;
     report.index_crc32c = Some(crc32c::crc32c(&bytes));
     std::fs::write(&done, serde_json::to_vec_pretty(&report).expect("json")).expect("write report");
-}
-
-fn copy_store(from: &Path, to: &Path) {
-    for entry in walk(from) {
-        let rel = entry.strip_prefix(from).expect("inside");
-        let dst = to.join(rel);
-        std::fs::create_dir_all(dst.parent().expect("parent")).expect("mkdir");
-        std::fs::copy(&entry, &dst).expect("copy");
-    }
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).expect("list") {
-        let p = e.expect("entry").path();
-        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
-    }
-    out
 }
 
 #[test]
@@ -114,7 +91,7 @@ fn a_damaged_index_is_caught_by_verify_and_refused_by_train() {
     assert!(verify(&clean).0, "a fresh store verifies");
     let case = |name: &str| {
         let dir = tmp.path().join(name);
-        copy_store(&clean, &dir);
+        copy_dir(&clean, &dir);
         dir
     };
 
@@ -184,7 +161,7 @@ fn edited_reports_are_caught_and_do_not_steer_training() {
     let (data, clean) = small_store(tmp.path());
     let case = |name: &str| {
         let dir = tmp.path().join(name);
-        copy_store(&clean, &dir);
+        copy_dir(&clean, &dir);
         dir
     };
     let edit = |st: &Path, shard: u32, f: &dyn Fn(&mut serde_json::Value)| {

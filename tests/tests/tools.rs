@@ -26,11 +26,7 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let tmp = tempfile::tempdir().expect("tmp");
         let data = tmp.path().join("data");
-        let photos = dep("data/photos");
-        let mut files: Vec<(&str, PathBuf)> =
-            ["astronaut.png", "coffee.png", "chelsea.png"].iter().map(|f| ("a", photos.join(f))).collect();
-        files.extend(imagenet_photos(3).into_iter().map(|(_, p)| ("b", p)));
-        make_dataset(&data, &files);
+        two_class_photos(&data);
         let (f16, f32) = (tmp.path().join("f16"), tmp.path().join("f32"));
         for (out, codec) in [(&f16, "f16"), (&f32, "f32")] {
             run_ok(&[
@@ -174,20 +170,6 @@ fn verify_catches_a_missing_shard_and_a_truncated_index() {
         assert!(text.contains(expect), "{damage}: {text}");
     }
     assert!(run_ok(&["inspect", "verify", s(&f.f16), "--json"]).contains("\"problems\": []"));
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    for e in std::fs::read_dir(from).expect("ls") {
-        let e = e.expect("entry");
-        let dst = to.join(e.file_name());
-        if e.file_type().expect("type").is_dir() {
-            std::fs::create_dir_all(&dst).expect("mkdir");
-            copy_dir(&e.path(), &dst);
-        } else {
-            std::fs::create_dir_all(to).expect("mkdir");
-            std::fs::copy(e.path(), dst).expect("copy");
-        }
-    }
 }
 
 #[test]

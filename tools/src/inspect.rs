@@ -153,17 +153,29 @@ pub struct VerifyReport {
     pub problems: Vec<Problem>,
 }
 
-fn verify_shard(store: &Store, s: u32) -> (u64, Vec<Problem>) {
+/// What [`verify_shard`] found in one shard.
+#[derive(Default)]
+struct ShardCheck {
+    /// Index rows checked.
+    views: u64,
+    problems: Vec<Problem>,
+    /// The path of every image of the shard (index rows and skipped files),
+    /// for the file-list hash.
+    paths: Vec<(u64, String)>,
+}
+
+fn verify_shard(store: &Store, s: u32) -> ShardCheck {
     let m = store.manifest();
     let p = |offset: Option<u64>, what: String| Problem { shard: Some(s), offset, what };
+    let failed = |what: String| ShardCheck { problems: vec![p(None, what)], ..ShardCheck::default() };
     let report = match store.report(s) {
         Ok(Some(r)) => r,
-        Ok(None) => return (0, vec![p(None, "shard not complete (no done/ report)".into())]),
-        Err(e) => return (0, vec![p(None, e.to_string())]),
+        Ok(None) => return failed("shard not complete (no done/ report)".into()),
+        Err(e) => return failed(e.to_string()),
     };
     let reader = match store.shard(s) {
         Ok(r) => r,
-        Err(e) => return (0, vec![p(None, e.to_string())]),
+        Err(e) => return failed(e.to_string()),
     };
     let mut problems: Vec<Problem> = reader.verify_records().into_iter().map(|(_, off, what)| p(Some(off), what)).collect();
     // index_of checks the part's size and checksum against the report
@@ -171,7 +183,7 @@ fn verify_shard(store: &Store, s: u32) -> (u64, Vec<Problem>) {
         Ok(r) => r,
         Err(e) => {
             problems.push(p(None, e.to_string()));
-            return (0, problems);
+            return ShardCheck { problems, ..ShardCheck::default() };
         }
     };
     let k = m.views.views_per_image;
@@ -270,21 +282,19 @@ fn verify_shard(store: &Store, s: u32) -> (u64, Vec<Problem>) {
             }
         }
     }
-    (rows.len() as u64, problems)
+    let paths = paths.into_iter().map(|(id, path)| (id, path.clone())).chain(report.skipped.iter().map(|x| (x.image_id, x.path.clone())));
+    ShardCheck { views: rows.len() as u64, problems, paths: paths.collect() }
 }
 
 /// The manifest's file-list hash against the paths the store records
-/// (index rows and skipped files), when every shard is complete.
-fn verify_paths(store: &Store) -> Vec<Problem> {
+/// (index rows and skipped files, as collected by [`verify_shard`]), when
+/// every image has one.
+fn verify_paths(store: &Store, named: impl Iterator<Item = (u64, String)>) -> Vec<Problem> {
     let m = store.manifest();
     let mut paths: Vec<Option<String>> = vec![None; usize::try_from(m.dataset.num_images).unwrap_or(0)];
-    for s in 0..m.layout.num_shards {
-        let (Ok(Some(report)), Ok(rows)) = (store.report(s), store.index_of(s)) else { return Vec::new() };
-        let named = rows.into_iter().map(|r| (r.image_id, r.path)).chain(report.skipped.into_iter().map(|x| (x.image_id, x.path)));
-        for (id, path) in named {
-            if let Some(slot) = usize::try_from(id).ok().and_then(|i| paths.get_mut(i)) {
-                *slot = Some(path);
-            }
+    for (id, path) in named {
+        if let Some(slot) = usize::try_from(id).ok().and_then(|i| paths.get_mut(i)) {
+            *slot = Some(path);
         }
     }
     let mut h = sha2::Sha256::new();
@@ -318,7 +328,7 @@ pub fn verify(root: &Path, progress: bool) -> Result<VerifyReport> {
         ProgressStyle::with_template("verify [{elapsed_precise}] {wide_bar} {pos}/{len} shards ETA {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let results: Vec<(u64, Vec<Problem>)> = (0..n)
+    let results: Vec<ShardCheck> = (0..n)
         .into_par_iter()
         .map(|s| {
             let r = verify_shard(&store, s);
@@ -327,11 +337,17 @@ pub fn verify(root: &Path, progress: bool) -> Result<VerifyReport> {
         })
         .collect();
     bar.finish_and_clear();
-    let mut problems: Vec<Problem> = results.iter().flat_map(|r| r.1.iter().cloned()).collect();
-    if problems.is_empty() {
-        problems = verify_paths(&store);
+    let views_checked = results.iter().map(|r| r.views).sum();
+    let mut problems: Vec<Problem> = Vec::new();
+    let mut paths = Vec::new();
+    for r in results {
+        problems.extend(r.problems);
+        paths.extend(r.paths);
     }
-    Ok(VerifyReport { shards_checked: n, views_checked: results.iter().map(|r| r.0).sum(), problems })
+    if problems.is_empty() {
+        problems = verify_paths(&store, paths.into_iter());
+    }
+    Ok(VerifyReport { shards_checked: n, views_checked, problems })
 }
 
 /// Statistics of one view's targets.
