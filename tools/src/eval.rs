@@ -186,7 +186,7 @@ pub fn features(enc: &EncoderSpec, set: &Labelled, batch: usize, threads: usize)
                 let x = prepare(set, chunk, s as u32, trainer::loader::IMAGENET_MEAN, trainer::loader::IMAGENET_STD)?;
                 let b = chunk.len() as i64;
                 let all = Tensor::arange(cfg.num_patches(), (Kind::Int64, Device::Cpu)).unsqueeze(0).repeat([b, 1]);
-                let out = tch::no_grad(|| model.encode(&Tensor::from_slice(&x).view([b, 3, s, s]), &all, false));
+                let out = tch::no_grad(|| model.encode(&Tensor::from_slice(&x).view([b, 3, s, s]), &all, trainer::model::Pass::Eval));
                 let c = out.narrow(1, 0, 1).squeeze_dim(1).contiguous();
                 let m = out.narrow(1, 1, cfg.num_patches()).mean_dim(&[1i64][..], false, Kind::Float).contiguous();
                 cls.extend(Vec::<f32>::try_from(c.flatten(0, -1))?);

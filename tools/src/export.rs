@@ -73,7 +73,7 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<Exported> {
     tch::manual_seed(0);
     let x = Tensor::randn([2, 3, m.image_size, m.image_size], (Kind::Float, Device::Cpu));
     let all = Tensor::arange(m.num_patches(), (Kind::Int64, Device::Cpu)).unsqueeze(0).repeat([2, 1]);
-    let feats = tch::no_grad(|| loaded.model.encode(&x, &all, false));
+    let feats = tch::no_grad(|| loaded.model.encode(&x, &all, trainer::model::Pass::Eval));
     let check = out.with_extension("check.safetensors");
     Tensor::write_safetensors(&[("input", &x), ("features", &feats)], &check).with_context(|| format!("writing {}", check.display()))?;
 

@@ -81,6 +81,8 @@ fn main() {
             resume: false,
             progress: false,
             bf16: true,
+            launch: None,
+            dist_timeout: trainer::DEFAULT_DIST_TIMEOUT,
         };
         let s = run_train(&cfg(live), &opts).expect("train");
         // skip the first step (allocations, caches)
@@ -92,7 +94,7 @@ fn main() {
     // 2. loader throughput on one core vs Python
     let src = Arc::new(DataSource::open(&store, &sub, 224, None).expect("open"));
     let n_batches = (images / batch) as u64;
-    let lc = LoaderConfig { batch, seed: 0, threads: 1, prefetch: 1, image_size: 224, grid: 14, teacher_inputs: false };
+    let lc = LoaderConfig { batch, rows: 0..batch, seed: 0, threads: 1, prefetch: 1, image_size: 224, grid: 14, teacher_inputs: false };
     let t = Instant::now();
     let rx = src.stream(lc, MaskGenerator::new(14, 14, 30, Masking::Block), 0, n_batches);
     let mut samples = Vec::new();

@@ -114,6 +114,26 @@ pub enum TrainError {
     /// The live teacher failed.
     #[error(transparent)]
     Teacher(#[from] teacher::TeacherError),
+    /// A launcher environment variable (torchrun's or Slurm's) is missing or wrong.
+    #[error("{var}={value}: {what}")]
+    Launch {
+        /// The variable.
+        var: &'static str,
+        /// Its value (empty when unset).
+        value: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// Data-parallel training failed: rendezvous, a collective, another rank.
+    #[error("rank {rank} of {world}: {what}")]
+    Distributed {
+        /// This process's rank.
+        rank: usize,
+        /// The world size.
+        world: usize,
+        /// What failed.
+        what: String,
+    },
 }
 
 impl TrainError {

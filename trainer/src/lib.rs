@@ -9,10 +9,13 @@
 //! * [`optim`]: AdamW with decay groups, gradient clipping, warmup + cosine.
 //! * [`loader`]: one stored view per image per epoch, rebuilt with
 //!   `caev2-views`, targets from the memory map, prefetched on a pool.
+//! * [`dist`]: data-parallel training on libtorch's c10d (Gloo), launched
+//!   by torchrun or Slurm.
 //! * [`run_train`]: the loop, with checkpoints, exact resume, JSON-lines
 //!   metrics and an optional live teacher that computes the same targets.
 
 pub mod device;
+pub mod dist;
 mod error;
 pub mod loader;
 pub mod loss;
@@ -23,6 +26,6 @@ mod train;
 
 pub use error::{Result, TrainError};
 pub use train::{
-    Budget, LoadedModel, MAX_BATCH, MAX_STEPS, MAX_THREADS, Metrics, PAPER_EPOCHS, RunOptions, TrainConfig, TrainSummary, alignment,
-    initial_model, latest_checkpoint, load_checkpoint, run_train,
+    Budget, DEFAULT_DIST_TIMEOUT, LoadedModel, MAX_BATCH, MAX_STEPS, MAX_THREADS, Metrics, PAPER_EPOCHS, RunOptions, TrainConfig,
+    TrainSummary, alignment, initial_model, latest_checkpoint, load_checkpoint, run_train,
 };

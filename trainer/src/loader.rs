@@ -4,6 +4,11 @@
 //! read from the memory map (and mapped to the student grid when the
 //! teacher's differs). Batches are built on a thread pool and prefetched
 //! through a bounded channel.
+//!
+//! Memory: between epochs a process keeps only each image's id and view
+//! count (10 bytes). At each epoch a helper thread reads the index for the
+//! samples this process builds in the next epoch (its rows of every global
+//! batch, one chosen view per image): a data-parallel rank holds 1/N of them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,8 +33,11 @@ const TAG_MASK: u64 = 0x6d61_736b;
 /// Loader settings.
 #[derive(Debug, Clone)]
 pub struct LoaderConfig {
-    /// Samples per batch.
+    /// Samples per global batch.
     pub batch: usize,
+    /// The rows of every global batch this process builds (`0..batch` for
+    /// one process; a data-parallel rank's slice otherwise).
+    pub rows: std::ops::Range<usize>,
     /// Seed of view choice, order and masks.
     pub seed: u64,
     /// Decode threads.
@@ -68,12 +76,13 @@ pub struct Batch {
 /// Targets, teacher input and mask of one sample.
 type SampleParts = (Vec<f32>, Vec<f32>, Vec<bool>);
 
-/// The stored views of one image.
+/// One sample of an epoch: the image and the view chosen for it.
 #[derive(Debug, Clone)]
-struct ImageViews {
+struct Sample {
     image_id: u64,
     path: String,
-    views: Vec<(u32, ViewParams)>,
+    view: u32,
+    params: ViewParams,
 }
 
 /// A store plus the image folder it was made from, checked for use by a
@@ -82,7 +91,12 @@ struct ImageViews {
 pub struct DataSource {
     store: Arc<Store>,
     data: PathBuf,
-    images: Vec<ImageViews>,
+    /// Stored views used (all when `None`).
+    views: Option<std::ops::Range<u32>>,
+    /// Ids of the images with at least one view in `views`, ascending.
+    ids: Vec<u64>,
+    /// Number of such views of each image.
+    counts: Vec<u16>,
 }
 
 impl DataSource {
@@ -116,27 +130,31 @@ impl DataSource {
             return Err(TrainError::setting("--data", data.display(), "must be a folder"));
         }
         // Shard by shard, so only one index part is decoded at a time; each
-        // image keeps its path once and its views' parameters.
-        let mut images: Vec<ImageViews> = Vec::new();
+        // image keeps only its id and how many views it has.
+        let (mut ids, mut counts): (Vec<u64>, Vec<u16>) = (Vec::new(), Vec::new());
         for shard in 0..m.layout.num_shards {
             for row in store.index_of(shard)? {
                 if views.as_ref().is_some_and(|r| !r.contains(&row.view)) {
                     continue;
                 }
-                match images.last_mut() {
-                    Some(iv) if iv.image_id == row.image_id => iv.views.push((row.view, row.params)),
-                    _ => images.push(ImageViews { image_id: row.image_id, path: row.path, views: vec![(row.view, row.params)] }),
+                match (ids.last(), counts.last_mut()) {
+                    (Some(&id), Some(n)) if id == row.image_id => *n = n.saturating_add(1),
+                    _ => {
+                        ids.push(row.image_id);
+                        counts.push(1);
+                    }
                 }
             }
         }
-        images.shrink_to_fit();
-        if images.is_empty() {
+        ids.shrink_to_fit();
+        counts.shrink_to_fit();
+        if ids.is_empty() {
             return Err(bad(format!(
                 "it holds no views{}",
                 views.map(|r| format!(" numbered {}..{}", r.start, r.end)).unwrap_or_default()
             )));
         }
-        Ok(Self { store: Arc::new(store), data: data.to_owned(), images })
+        Ok(Self { store: Arc::new(store), data: data.to_owned(), views, ids, counts })
     }
 
     /// The store.
@@ -146,23 +164,77 @@ impl DataSource {
 
     /// Images with at least one stored view.
     pub fn num_images(&self) -> usize {
-        self.images.len()
+        self.ids.len()
     }
 
     /// Full batches per epoch.
     pub fn steps_per_epoch(&self, batch: usize) -> u64 {
-        (self.images.len() / batch.max(1)) as u64
+        (self.ids.len() / batch.max(1)) as u64
     }
 
-    /// `(image index, view index)` of every sample of epoch `epoch`, in order.
+    /// `(image index, view ordinal)` of every sample of epoch `epoch`, in
+    /// order (the ordinal counts the image's views in the range used).
     fn epoch_plan(&self, seed: u64, epoch: u64) -> Vec<(usize, usize)> {
-        let mut order: Vec<usize> = (0..self.images.len()).collect();
+        let mut order: Vec<usize> = (0..self.ids.len()).collect();
         SplitMix64::keyed(seed, &[TAG_ORDER, epoch]).shuffle(&mut order);
         order
             .into_iter()
             .map(|i| {
-                let n = self.images[i].views.len() as u64;
-                (i, SplitMix64::keyed(seed, &[TAG_VIEW, epoch, self.images[i].image_id]).below(n) as usize)
+                let n = u64::from(self.counts[i]);
+                (i, SplitMix64::keyed(seed, &[TAG_VIEW, epoch, self.ids[i]]).below(n) as usize)
+            })
+            .collect()
+    }
+
+    /// The samples this process builds in epoch `epoch`: rows `rows` of each
+    /// of the epoch's global batches of `batch`, in order, with their paths
+    /// and view parameters read from the index.
+    fn epoch_samples(&self, seed: u64, epoch: u64, batch: usize, rows: &std::ops::Range<usize>) -> Result<Vec<Sample>> {
+        let plan = self.epoch_plan(seed, epoch);
+        let steps = self.steps_per_epoch(batch) as usize;
+        let mine: Vec<(usize, usize)> =
+            (0..steps).flat_map(|b| plan[b * batch + rows.start..b * batch + rows.end].iter().copied()).collect();
+        drop(plan);
+        // wanted (image id, ordinal, position), by image id: the index is read
+        // shard by shard, in image order
+        let mut wanted: Vec<(u64, usize, usize)> = mine.iter().enumerate().map(|(pos, &(i, k))| (self.ids[i], k, pos)).collect();
+        wanted.sort_unstable();
+        let mut found: Vec<Option<Sample>> = vec![None; mine.len()];
+        let ips = u64::from(self.store.manifest().layout.images_per_shard.max(1));
+        let mut next = 0;
+        while next < wanted.len() {
+            let shard = (wanted[next].0 / ips) as u32;
+            let (mut ordinal, mut current) = (0usize, u64::MAX);
+            for row in self.store.index_of(shard)? {
+                if self.views.as_ref().is_some_and(|r| !r.contains(&row.view)) {
+                    continue;
+                }
+                if row.image_id != current {
+                    (current, ordinal) = (row.image_id, 0);
+                } else {
+                    ordinal += 1;
+                }
+                while next < wanted.len() && (wanted[next].0, wanted[next].1) < (row.image_id, ordinal) {
+                    next += 1; // not in this shard's index any more: reported below
+                }
+                if next < wanted.len() && (wanted[next].0, wanted[next].1) == (row.image_id, ordinal) {
+                    found[wanted[next].2] = Some(Sample { image_id: row.image_id, path: row.path, view: row.view, params: row.params });
+                    next += 1;
+                }
+            }
+            while next < wanted.len() && wanted[next].0 / ips == u64::from(shard) {
+                next += 1;
+            }
+        }
+        found
+            .into_iter()
+            .zip(&mine)
+            .map(|(s, &(i, k))| {
+                s.ok_or_else(|| TrainError::Targets {
+                    image_id: self.ids[i],
+                    view: k as u32,
+                    what: "its view is no longer in the store's index (the store changed during training)".into(),
+                })
             })
             .collect()
     }
@@ -186,16 +258,43 @@ impl DataSource {
                     }
                 };
                 let spe = me.steps_per_epoch(cfg.batch).max(1);
-                let mut plan_epoch = u64::MAX;
-                let mut plan = Vec::new();
+                if start >= end {
+                    return;
+                }
+                // the next epoch's samples are read while this one trains
+                let (etx, erx) = bounded::<Result<Vec<Sample>>>(1);
+                let reader = Arc::clone(&me);
+                let (seed, batch, rows) = (cfg.seed, cfg.batch, cfg.rows.clone());
+                let spawned = std::thread::Builder::new().name("caev2-epochs".into()).spawn(move || {
+                    for epoch in start / spe..=(end - 1) / spe {
+                        if etx.send(reader.epoch_samples(seed, epoch, batch, &rows)).is_err() {
+                            return;
+                        }
+                    }
+                });
+                if let Err(e) = spawned {
+                    let _ = tx.send(Err(TrainError::Loader(format!("could not start: {e}"))));
+                    return;
+                }
+                let local = cfg.rows.len();
+                let mut samples = Vec::new();
                 for step in start..end {
                     let epoch = step / spe;
-                    if epoch != plan_epoch {
-                        plan = me.epoch_plan(cfg.seed, epoch);
-                        plan_epoch = epoch;
+                    if step == start || step % spe == 0 {
+                        samples = match erx.recv() {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
+                            Err(_) => {
+                                let _ = tx.send(Err(TrainError::Loader("stopped reading the index".into())));
+                                return;
+                            }
+                        };
                     }
                     let b = (step % spe) as usize;
-                    let picks = &plan[b * cfg.batch..(b + 1) * cfg.batch];
+                    let picks = &samples[b * local..(b + 1) * local];
                     let batch = pool.install(|| me.build_batch(&cfg, &masks, step, epoch, picks));
                     if tx.send(batch).is_err() {
                         return;
@@ -206,7 +305,7 @@ impl DataSource {
         rx
     }
 
-    fn build_batch(&self, cfg: &LoaderConfig, masks: &MaskGenerator, step: u64, epoch: u64, picks: &[(usize, usize)]) -> Result<Batch> {
+    fn build_batch(&self, cfg: &LoaderConfig, masks: &MaskGenerator, step: u64, epoch: u64, picks: &[Sample]) -> Result<Batch> {
         let m = self.store.manifest();
         let s = cfg.image_size as usize;
         let per_img = 3 * s * s;
@@ -224,9 +323,8 @@ impl DataSource {
         let parts: Vec<Result<SampleParts>> = images
             .par_chunks_mut(per_img)
             .zip(picks.par_iter())
-            .map(|(img_buf, &(i, v))| {
-                let iv = &self.images[i];
-                let (view, params) = &iv.views[v];
+            .map(|(img_buf, iv)| {
+                let (view, params) = (&iv.view, &iv.params);
                 let path = self.data.join(&iv.path);
                 let decoded = decode_image(&path, m.views.settings.apply_exif_orientation)
                     .map_err(|source| TrainError::Decode { image_id: iv.image_id, source })?;
@@ -283,7 +381,7 @@ impl DataSource {
                 if is_masked { masked.push(p as i64) } else { visible.push(p as i64) }
             }
         }
-        let samples = picks.iter().map(|&(i, v)| (self.images[i].image_id, self.images[i].views[v].0)).collect();
+        let samples = picks.iter().map(|p| (p.image_id, p.view)).collect();
         Ok(Batch { step, epoch, images, targets, teacher_inputs, visible, masked, samples })
     }
 }

@@ -209,13 +209,41 @@ fn layer_norm(p: nn::Path, dim: i64) -> nn::LayerNorm {
     nn::layer_norm(p, vec![dim], nn::LayerNormConfig { eps: 1e-6, ..Default::default() })
 }
 
-fn drop_path(x: Tensor, p: f64, train: bool) -> Tensor {
-    if !train || p == 0.0 {
+/// How a forward pass runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Inference: no drop path.
+    Eval,
+    /// Training on rows `offset..offset + B` of a global batch of `global`
+    /// samples (B = the tensor's batch). Drop path draws its per-sample keep
+    /// masks for the whole global batch and takes this slice, so a
+    /// data-parallel rank draws exactly what a single process training the
+    /// global batch draws for the same samples.
+    Train {
+        /// Samples in the global batch.
+        global: i64,
+        /// First row of this process's slice.
+        offset: i64,
+    },
+}
+
+impl Pass {
+    /// Training on a whole batch of `batch` samples in one process.
+    pub fn train(batch: i64) -> Self {
+        Self::Train { global: batch, offset: 0 }
+    }
+}
+
+fn drop_path(x: Tensor, p: f64, pass: Pass) -> Tensor {
+    let Pass::Train { global, offset } = pass else { return x };
+    if p == 0.0 {
         return x;
     }
     let keep = 1.0 - p;
-    let shape: Vec<i64> = std::iter::once(x.size()[0]).chain(std::iter::repeat_n(1, x.dim() - 1)).collect();
-    let mask = Tensor::empty(shape.as_slice(), (x.kind(), x.device())).bernoulli_float_(keep);
+    let b = x.size()[0];
+    let shape: Vec<i64> = std::iter::once(b).chain(std::iter::repeat_n(1, x.dim() - 1)).collect();
+    let mask =
+        Tensor::empty([global.max(offset + b)], (x.kind(), x.device())).bernoulli_float_(keep).narrow(0, offset, b).view(shape.as_slice());
     x * mask / keep
 }
 
@@ -275,14 +303,14 @@ impl Block {
         }
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, pass: Pass) -> Tensor {
         let (b, n, d) = x.size3().expect("rank 3");
         let qkv = self.qkv.forward(&self.norm1.forward(x)).reshape([b, n, 3, self.heads, d / self.heads]).permute([2, 0, 3, 1, 4]);
         let a = Tensor::scaled_dot_product_attention::<Tensor>(&qkv.get(0), &qkv.get(1), &qkv.get(2), None, 0.0, false, None, false);
         let a = self.proj.forward(&merge_heads(&a));
-        let x = x + drop_path(a * &self.ls1, self.drop_path, train);
+        let x = x + drop_path(a * &self.ls1, self.drop_path, pass);
         let m = self.mlp.forward(&self.norm2.forward(&x));
-        &x + drop_path(m * &self.ls2, self.drop_path, train)
+        &x + drop_path(m * &self.ls2, self.drop_path, pass)
     }
 }
 
@@ -326,16 +354,16 @@ impl CrossBlock {
         }
     }
 
-    fn forward(&self, q: &Tensor, kv: &Tensor, pos_q: &Tensor, pos_kv: &Tensor, train: bool) -> Tensor {
+    fn forward(&self, q: &Tensor, kv: &Tensor, pos_q: &Tensor, pos_kv: &Tensor, pass: Pass) -> Tensor {
         let qh = heads(&self.q.forward(&self.norm_q.forward(&(q + pos_q))), self.heads);
         let kh = heads(&self.k.forward(&self.norm_k.forward(&(kv + pos_kv))), self.heads);
         let vh = heads(&self.v.forward(&self.norm_v.forward(kv)), self.heads);
         let a = Tensor::scaled_dot_product_attention::<Tensor>(&qh, &kh, &vh, None, 0.0, false, None, false);
         let a = self.proj.forward(&merge_heads(&a));
-        let x = q + drop_path(a * &self.ls1, self.drop_path, train);
+        let x = q + drop_path(a * &self.ls1, self.drop_path, pass);
         let x = self.norm2.forward(&x);
         let m = self.mlp.forward(&x);
-        &x + drop_path(m * &self.ls2, self.drop_path, train)
+        &x + drop_path(m * &self.ls2, self.drop_path, pass)
     }
 }
 
@@ -437,7 +465,7 @@ impl Cae2 {
 
     /// Encoder over CLS + the visible patches: `images [B,3,S,S]`,
     /// `visible [B, Nv]` (patch indices, row-major) -> `[B, 1 + Nv, width]`.
-    pub fn encode(&self, images: &Tensor, visible: &Tensor, train: bool) -> Tensor {
+    pub fn encode(&self, images: &Tensor, visible: &Tensor, pass: Pass) -> Tensor {
         let d = self.cfg.width;
         let x = self.patch_embed.forward(images).flatten(2, 3).transpose(1, 2);
         let x = x + self.pos_embed.narrow(1, 1, self.cfg.num_patches());
@@ -446,7 +474,7 @@ impl Cae2 {
         let cls = (&self.cls_token + self.pos_embed.narrow(1, 0, 1)).expand([b, -1, -1], false);
         let mut x = Tensor::cat(&[cls, x], 1);
         for blk in &self.blocks {
-            x = blk.forward(&x, train);
+            x = blk.forward(&x, pass);
         }
         self.norm.forward(&x)
     }
@@ -459,8 +487,8 @@ impl Cae2 {
 
     /// Full pretraining forward: encoder on visible patches, regressor for
     /// the masked ones, shared head on both.
-    pub fn forward(&self, images: &Tensor, visible: &Tensor, masked: &Tensor, train: bool) -> Output {
-        self.regress_and_head(&self.encode(images, visible, train), visible, masked, train)
+    pub fn forward(&self, images: &Tensor, visible: &Tensor, masked: &Tensor, pass: Pass) -> Output {
+        self.regress_and_head(&self.encode(images, visible, pass), visible, masked, pass)
     }
 
     /// Everything after the encoder: `latent [B, 1 + Nv, width]` (CLS first)
@@ -468,7 +496,7 @@ impl Cae2 {
     /// positions -> shared head. As in the released code, the CLS latent is
     /// dropped before the regressor (its keys and values are the visible
     /// patch latents and the current queries) and only feeds the head.
-    pub fn regress_and_head(&self, latent: &Tensor, visible: &Tensor, masked: &Tensor, train: bool) -> Output {
+    pub fn regress_and_head(&self, latent: &Tensor, visible: &Tensor, masked: &Tensor, pass: Pass) -> Output {
         let latent = match &self.enc_to_reg {
             Some((lin, ln)) => ln.forward(&lin.forward(latent)),
             None => latent.shallow_clone(),
@@ -484,7 +512,7 @@ impl Cae2 {
         let mut q = self.mask_token.expand([b, nm, dr], false).contiguous();
         for blk in &self.regressor {
             let kv = Tensor::cat(&[&visible_patches, &q], 1);
-            q = blk.forward(&q, &kv, &pos_masked, &pos_kv, train);
+            q = blk.forward(&q, &kv, &pos_masked, &pos_kv, pass);
         }
         Output { visible: self.head(&latent), masked: self.head(&q) }
     }
@@ -523,7 +551,7 @@ mod tests {
             let nm = cfg.default_masked();
             let idx = Tensor::arange(196, (Kind::Int64, tch::Device::Cpu)).unsqueeze(0).repeat([2, 1]);
             let (masked, visible) = (idx.narrow(1, 0, nm), idx.narrow(1, nm, 196 - nm));
-            let out = m.forward(&Tensor::randn([2, 3, 224, 224], (Kind::Float, tch::Device::Cpu)), &visible, &masked, true);
+            let out = m.forward(&Tensor::randn([2, 3, 224, 224], (Kind::Float, tch::Device::Cpu)), &visible, &masked, Pass::train(2));
             assert_eq!(out.visible.size(), [2, 1 + 196 - nm, 512], "{p:?}");
             assert_eq!(out.masked.size(), [2, nm, 512], "{p:?}");
             let norms = out.masked.norm_scalaropt_dim(2.0, [-1], false);
@@ -606,15 +634,31 @@ mod tests {
         let latent = Tensor::randn([2, 167, 192], (Kind::Float, tch::Device::Cpu));
         let moved = latent.copy();
         let _ = moved.narrow(1, 0, 1).fill_(7.0);
-        let (a, b) =
-            tch::no_grad(|| (m.regress_and_head(&latent, &visible, &masked, false), m.regress_and_head(&moved, &visible, &masked, false)));
+        let (a, b) = tch::no_grad(|| {
+            (m.regress_and_head(&latent, &visible, &masked, Pass::Eval), m.regress_and_head(&moved, &visible, &masked, Pass::Eval))
+        });
         assert_eq!(dbl((&a.masked - &b.masked).abs().max()), 0.0, "masked predictions ignore the CLS latent");
         assert!(dbl((a.visible.narrow(1, 0, 1) - b.visible.narrow(1, 0, 1)).abs().max()) > 1e-3, "CLS still feeds the head");
         // a visible patch latent does reach the masked predictions
         let patch = latent.copy();
         let _ = patch.narrow(1, 5, 1).fill_(7.0);
-        let c = tch::no_grad(|| m.regress_and_head(&patch, &visible, &masked, false));
+        let c = tch::no_grad(|| m.regress_and_head(&patch, &visible, &masked, Pass::Eval));
         assert!(dbl((&a.masked - &c.masked).abs().max()) > 1e-4);
+    }
+
+    /// A data-parallel rank's slice draws the same keep masks as the same
+    /// rows of the whole batch in one process.
+    #[test]
+    fn drop_path_of_a_slice_equals_the_slice_of_the_global_batch() {
+        let x = Tensor::ones([8, 3, 2], (Kind::Float, tch::Device::Cpu));
+        tch::manual_seed(5);
+        let whole = drop_path(x.shallow_clone(), 0.5, Pass::train(8));
+        tch::manual_seed(5);
+        let slice = drop_path(x.narrow(0, 4, 4), 0.5, Pass::Train { global: 8, offset: 4 });
+        assert!(whole.narrow(0, 4, 4).equal(&slice));
+        let kept = whole.sum(Kind::Float).double_value(&[]);
+        assert!(kept > 0.0 && kept < 8.0 * 6.0 * 2.0, "some samples dropped, some kept: {kept}");
+        assert!(drop_path(x.shallow_clone(), 0.5, Pass::Eval).equal(&x));
     }
 
     #[test]

@@ -71,6 +71,18 @@ impl AdamW {
         self.step
     }
 
+    /// The defined gradients, in parameter-name order (the same on every
+    /// data-parallel rank).
+    pub fn grads(&self) -> Vec<Tensor> {
+        self.slots.values().map(|s| s.param.grad()).filter(Tensor::defined).collect()
+    }
+
+    /// Set the step count (a data-parallel rank that received rank 0's
+    /// restored moments).
+    pub fn set_steps(&mut self, steps: i64) {
+        self.step = steps;
+    }
+
     /// Zero all gradients.
     pub fn zero_grad(&mut self) {
         for s in self.slots.values_mut() {

@@ -11,11 +11,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor, nn};
 
+use crate::dist::{Dist, Launch};
 use crate::error::{Result, TrainError};
 use crate::loader::{DataSource, LoaderConfig};
 use crate::loss::{LossConfig, losses};
 use crate::masking::{MaskGenerator, Masking};
-use crate::model::{Cae2, ModelConfig, Preset, decays};
+use crate::model::{Cae2, ModelConfig, Pass, Preset, decays};
 use crate::optim::{AdamW, AdamWConfig, cosine_lr};
 
 /// The resolved configuration of a run, saved as `config.json`.
@@ -199,7 +200,15 @@ pub struct RunOptions {
     pub progress: bool,
     /// Mixed precision (bfloat16 autocast) on CUDA.
     pub bf16: bool,
+    /// Data-parallel launch (see [`Launch::from_env`]); `None` trains in
+    /// this process alone.
+    pub launch: Option<Launch>,
+    /// Timeout of the data-parallel rendezvous and of every collective.
+    pub dist_timeout: Duration,
 }
+
+/// Default of [`RunOptions::dist_timeout`].
+pub const DEFAULT_DIST_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -218,7 +227,7 @@ pub struct Metrics {
     pub lr: f64,
     /// Gradient norm before clipping.
     pub grad_norm: f64,
-    /// Images per second over the last step.
+    /// Images per second over the last step (of all ranks together).
     pub images_per_sec: f64,
 }
 
@@ -295,9 +304,15 @@ fn tensors_of(path: &Path) -> Result<BTreeMap<String, Tensor>> {
 }
 
 /// The device and its description, with bf16 autocast on CUDA when asked.
-fn choose_device(opts: &RunOptions) -> Result<(tch::Device, String, bool)> {
-    let (device, mut line) =
+fn choose_device(opts: &RunOptions, local_rank: usize) -> Result<(tch::Device, String, bool)> {
+    let (mut device, mut line) =
         crate::device::choose(&opts.device).map_err(|what| TrainError::Device { device: opts.device.clone(), what })?;
+    if local_rank > 0 && matches!(opts.device.as_str(), "auto" | "cuda") && device.is_cuda() {
+        // one GPU per rank of the node, as torchrun users expect
+        let n = tch::Cuda::device_count().max(1) as usize;
+        device = tch::Device::Cuda(local_rank % n);
+        line = format!("training on CUDA device {} (LOCAL_RANK {local_rank})", local_rank % n);
+    }
     let autocast = device.is_cuda() && opts.bf16;
     if autocast {
         if !crate::device::use_bf16_autocast() {
@@ -396,8 +411,11 @@ fn live_teacher(cfg: &TrainConfig, m: &shard_store::Manifest, threads: usize) ->
 struct Stepper<'a> {
     cfg: &'a TrainConfig,
     model: &'a Cae2,
+    dist: &'a Dist,
     device: tch::Device,
     autocast: bool,
+    /// This process's rows of every global batch.
+    rows: std::ops::Range<usize>,
     /// Patches per side of the student.
     grid: usize,
     /// The teacher's grid, when targets must be mapped to the student's.
@@ -406,15 +424,20 @@ struct Stepper<'a> {
 }
 
 impl Stepper<'_> {
+    /// Samples this process trains per step.
+    fn local_batch(&self) -> usize {
+        self.rows.len()
+    }
+
     /// The batch's targets as `[B, 1 + grid^2, D]`: read from the store, or
     /// computed by the live teacher.
     fn targets(&self, batch: &crate::loader::Batch, teacher: Option<&mut teacher::Teacher>) -> Result<Tensor> {
-        let b = self.cfg.batch as i64;
+        let b = self.local_batch();
         let tokens = 1 + (self.grid * self.grid) as i64;
         let t = match teacher {
             Some(t) => {
-                let out = t.forward(&batch.teacher_inputs, self.cfg.batch)?;
-                let per = out.len() / self.cfg.batch;
+                let out = t.forward(&batch.teacher_inputs, b)?;
+                let per = out.len() / b;
                 let student = (self.grid, self.grid);
                 let mapped: Vec<f32> = if self.teacher_grid == student {
                     out
@@ -427,13 +450,14 @@ impl Stepper<'_> {
             }
             None => Tensor::from_slice(&batch.targets),
         };
-        Ok(t.view([b, tokens, self.dim]).to_device(self.device))
+        Ok(t.view([b as i64, tokens, self.dim]).to_device(self.device))
     }
 
-    /// Forward, losses, backward, clipping and the AdamW update of `step`.
+    /// Forward, losses, backward, the gradients' all-reduce, clipping and
+    /// the AdamW update of `step`. The losses returned are the global batch's.
     fn step(&self, step: u64, batch: &crate::loader::Batch, targets: &Tensor, opt: &mut AdamW) -> Result<Metrics> {
         let cfg = self.cfg;
-        let (b, s, dim) = (cfg.batch as i64, cfg.model.image_size, self.dim);
+        let (b, s, dim) = (self.local_batch() as i64, cfg.model.image_size, self.dim);
         let np = (self.grid * self.grid) as i64;
         let nm = cfg.num_masked as i64;
         let images = Tensor::from_slice(&batch.images).view([b, 3, s, s]).to_device(self.device);
@@ -442,7 +466,8 @@ impl Stepper<'_> {
 
         tch::manual_seed((cfg.seed as i64).wrapping_add(step as i64 + 1));
         opt.zero_grad();
-        let out = tch::autocast(self.autocast, || self.model.forward(&images, &visible, &masked, true));
+        let pass = Pass::Train { global: cfg.batch as i64, offset: self.rows.start as i64 };
+        let out = tch::autocast(self.autocast, || self.model.forward(&images, &visible, &masked, pass));
         let out = crate::model::Output { visible: out.visible.to_kind(Kind::Float), masked: out.masked.to_kind(Kind::Float) };
         let patches = targets.narrow(1, 1, np);
         let target_v =
@@ -450,37 +475,71 @@ impl Stepper<'_> {
         let target_z = patches.gather(1, &masked.unsqueeze(-1).expand([-1, -1, dim], false), false);
         let l = losses(&out.visible, &target_v, &out.masked, &target_z, &cfg.loss);
         l.total.backward();
+        // every rank's slice has the same number of tokens, so the mean of
+        // the ranks' mean gradients is the global batch's
+        self.dist.average_gradients(&opt.grads())?;
         let grad_norm = opt.clip_grad_norm(cfg.clip_grad);
         let lr = cosine_lr(step as i64, cfg.steps as i64, cfg.warmup_steps as i64, cfg.lr, cfg.min_lr);
         opt.step(lr);
-        let loss = l.total.to_kind(Kind::Double).double_value(&[]);
+        let local = [l.total.to_kind(Kind::Double).double_value(&[]), l.visible, l.masked];
+        let world = self.dist.world as f64;
+        let global: Vec<f64> = self.dist.sum(&local)?.into_iter().map(|x| x / world).collect();
+        let (loss, loss_v, loss_z) = (global[0], global[1], global[2]);
         if !loss.is_finite() {
             return Err(TrainError::Diverged { step: step + 1, loss });
         }
-        Ok(Metrics { step: step + 1, epoch: batch.epoch, loss, loss_v: l.visible, loss_z: l.masked, lr, grad_norm, images_per_sec: 0.0 })
+        Ok(Metrics { step: step + 1, epoch: batch.epoch, loss, loss_v, loss_z, lr, grad_norm, images_per_sec: 0.0 })
     }
 }
 
-/// Train (or resume) a CAE v2 student.
-///
-/// # Errors
-/// Incompatible store, bad settings, data errors, IO, libtorch errors.
-pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
-    let t0 = Instant::now();
+/// A digest of everything that must be equal on every data-parallel rank:
+/// the configuration (but not the store's and images' paths, which may
+/// differ between nodes), the store's identity, the precision and the build.
+fn settings_digest(cfg: &TrainConfig, store_id: &str, bf16: bool) -> [u8; 32] {
+    use sha2::Digest;
+    let mut c = cfg.clone();
+    c.store = PathBuf::new();
+    c.data = PathBuf::new();
+    c.live_teacher = c.live_teacher.map(|_| PathBuf::new());
+    let mut h = sha2::Sha256::new();
+    h.update(serde_json::to_vec(&c).unwrap_or_default());
+    h.update(store_id.as_bytes());
+    h.update([u8::from(bf16)]);
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.finalize().into()
+}
+
+/// What every rank opens before training: the device and the data.
+struct Setup {
+    device: tch::Device,
+    device_line: String,
+    autocast: bool,
+    source: Arc<DataSource>,
+    manifest: shard_store::Manifest,
+}
+
+/// Check the settings and open the device and the store (on every rank).
+fn open_setup(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<Setup> {
     cfg.validate()?;
     if !(1..=MAX_THREADS).contains(&opts.threads) {
         return Err(TrainError::setting("--threads", opts.threads, format!("must be between 1 and {MAX_THREADS}")));
     }
+    if !cfg.batch.is_multiple_of(dist.world) {
+        return Err(TrainError::setting(
+            "--batch",
+            cfg.batch,
+            format!("must be a multiple of the {} ranks (each trains an equal slice of the global batch)", dist.world),
+        ));
+    }
     shard_store::check_local(&opts.out)?;
-    let (device, device_line, autocast) = choose_device(opts)?;
-    tch::set_num_threads(opts.threads.max(1) as i32);
+    let (device, device_line, autocast) = choose_device(opts, dist.local_rank)?;
     let grid = cfg.model.grid() as usize;
     let source = Arc::new(DataSource::open(&cfg.store, &cfg.data, cfg.model.image_size as u32, cfg.train_views.map(|n| 0..n))?);
-    let m = source.store().manifest().clone();
-    if i64::from(m.teacher.dim) != cfg.model.target_dim {
+    let manifest = source.store().manifest().clone();
+    if i64::from(manifest.teacher.dim) != cfg.model.target_dim {
         return Err(TrainError::Incompatible {
             store: cfg.store.clone(),
-            what: format!("targets have {} dims, the model's head outputs {}", m.teacher.dim, cfg.model.target_dim),
+            what: format!("targets have {} dims, the model's head outputs {}", manifest.teacher.dim, cfg.model.target_dim),
         });
     }
     if source.steps_per_epoch(cfg.batch) == 0 {
@@ -489,17 +548,65 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     if cfg.num_masked == 0 || cfg.num_masked >= grid * grid {
         return Err(TrainError::setting("--num-masked", cfg.num_masked, format!("must be between 1 and {}", grid * grid - 1)));
     }
+    Ok(Setup { device, device_line, autocast, source, manifest })
+}
 
-    let resume = prepare_run_folder(cfg, opts)?;
+/// The parameters in name order (the same on every rank).
+fn parameters_by_name(vs: &nn::VarStore) -> Vec<Tensor> {
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named.into_iter().map(|(_, t)| t).collect()
+}
+
+/// Train (or resume) a CAE v2 student: in this process alone, or as one
+/// rank of a data-parallel group when `opts.launch` says so (every rank
+/// builds its slice of each global batch; rank 0 alone writes the run
+/// folder).
+///
+/// # Errors
+/// Incompatible store, bad settings, data errors, IO, libtorch errors, a
+/// failed rendezvous or collective, another rank's failure.
+pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
+    let t0 = Instant::now();
+    let dist = match &opts.launch {
+        Some(l) => Dist::connect(l, opts.dist_timeout)?,
+        None => Dist::single(),
+    };
+    let Setup { device, mut device_line, autocast, source, manifest: m } = dist.agree("set-up", open_setup(cfg, opts, &dist))?;
+    dist.check_same("the settings", &settings_digest(cfg, &m.store_id, opts.bf16))?;
+    tch::set_num_threads(opts.threads.max(1) as i32);
+    let grid = cfg.model.grid() as usize;
+    let local = cfg.batch / dist.world;
+    let rows = dist.rank * local..(dist.rank + 1) * local;
+    if dist.world > 1 {
+        device_line.push_str(&format!(", data-parallel: {} ranks ({}, Gloo), {local} images per rank and step", dist.world, dist.launcher));
+    }
+
     let (mut vs, model) = Cae2::seeded(&cfg.model, cfg.seed, device);
     let mut opt = AdamW::new(cfg.adamw, vs.variables(), decays);
-    let start = if resume { restore_checkpoint(&opts.out, &mut vs, &mut opt, device)? } else { 0 };
-    let (metrics_path, mut metrics_file) = open_metrics(&opts.out, resume, start)?;
+    // rank 0 owns the run folder: it checks it, restores the checkpoint, and
+    // hands the step, the weights and the moments to the others
+    let resumed = if dist.is_main() {
+        prepare_run_folder(cfg, opts)
+            .and_then(|resume| if resume { restore_checkpoint(&opts.out, &mut vs, &mut opt, device) } else { Ok(0) })
+    } else {
+        Ok(0)
+    };
+    let start = dist.agree("preparing the run folder", resumed)?;
+    let start = dist.sum(&[start as f64])?[0] as u64;
+    if dist.world > 1 {
+        let mut state = parameters_by_name(&vs);
+        state.extend(opt.state().into_iter().map(|(_, t)| t));
+        dist.copy_from_main(&state)?;
+        opt.set_steps(start as i64);
+    }
+    let mut metrics_out = if dist.is_main() { Some(open_metrics(&opts.out, start > 0, start)?) } else { None };
     let mut teacher = live_teacher(cfg, &m, opts.threads)?;
 
     let masks = MaskGenerator::new(grid, grid, cfg.num_masked, cfg.masking);
     let loader_cfg = LoaderConfig {
         batch: cfg.batch,
+        rows: rows.clone(),
         seed: cfg.seed,
         threads: opts.threads,
         prefetch: 2,
@@ -508,7 +615,7 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         teacher_inputs: teacher.is_some(),
     };
     let rx = source.stream(loader_cfg, masks, start, cfg.steps);
-    let bar = if opts.progress { ProgressBar::new(cfg.steps) } else { ProgressBar::hidden() };
+    let bar = if opts.progress && dist.is_main() { ProgressBar::new(cfg.steps) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{spinner} train [{elapsed_precise}] {wide_bar} step {pos}/{len} ETA {eta} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -519,8 +626,10 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let stepper = Stepper {
         cfg,
         model: &model,
+        dist: &dist,
         device,
         autocast,
+        rows,
         grid,
         teacher_grid: (m.teacher.grid[0] as usize, m.teacher.grid[1] as usize),
         dim: i64::from(m.teacher.dim),
@@ -541,16 +650,18 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         let now = Instant::now();
         met.images_per_sec = cfg.batch as f64 / now.duration_since(last).as_secs_f64().max(1e-9);
         last = now;
-        let line = serde_json::to_string(&met).map_err(|source| TrainError::Json { path: metrics_path.clone(), source })?;
-        writeln!(metrics_file, "{line}").map_err(TrainError::io(&metrics_path, "append metrics"))?;
+        if let Some((path, file)) = metrics_out.as_mut() {
+            let line = serde_json::to_string(&met).map_err(|source| TrainError::Json { path: path.clone(), source })?;
+            writeln!(file, "{line}").map_err(TrainError::io(&*path, "append metrics"))?;
+            if (step + 1) % opts.checkpoint_every.max(1) == 0 || step + 1 == cfg.steps {
+                file.sync_data().map_err(TrainError::io(&*path, "fsync metrics"))?;
+                summary.checkpoint = Some(save_checkpoint(&opts.out, &vs, &opt, step + 1, cfg.seed)?);
+            }
+        }
         bar.set_message(format!("loss_v {:.4} loss_z {:.4} lr {:.2e} {:.1} img/s", met.loss_v, met.loss_z, met.lr, met.images_per_sec));
         bar.inc(1);
         summary.metrics.push(met);
         summary.steps = step + 1;
-        if (step + 1) % opts.checkpoint_every.max(1) == 0 || step + 1 == cfg.steps {
-            metrics_file.sync_data().map_err(TrainError::io(&metrics_path, "fsync metrics"))?;
-            summary.checkpoint = Some(save_checkpoint(&opts.out, &vs, &opt, step + 1, cfg.seed)?);
-        }
     }
     bar.finish_and_clear();
     summary.elapsed = t0.elapsed();
@@ -619,6 +730,7 @@ pub fn alignment(
     let masks = MaskGenerator::new(grid, grid, cfg.num_masked, cfg.masking);
     let lc = LoaderConfig {
         batch,
+        rows: 0..batch,
         seed: cfg.seed ^ 0x000a_119e,
         threads,
         prefetch: 2,
@@ -636,7 +748,7 @@ pub fn alignment(
         let targets = crate::loss::l2_normalize(&Tensor::from_slice(&bd.targets).view([b, 1 + np, dim]));
         let visible = Tensor::from_slice(&bd.visible).view([b, np - nm]);
         let masked = Tensor::from_slice(&bd.masked).view([b, nm]);
-        let out = tch::no_grad(|| loaded.model.forward(&images, &visible, &masked, false));
+        let out = tch::no_grad(|| loaded.model.forward(&images, &visible, &masked, Pass::Eval));
         let patches = targets.narrow(1, 1, np);
         let tv = Tensor::cat(&[targets.narrow(1, 0, 1), patches.gather(1, &visible.unsqueeze(-1).expand([-1, -1, dim], false), false)], 1);
         let tz = patches.gather(1, &masked.unsqueeze(-1).expand([-1, -1, dim], false), false);

@@ -85,9 +85,14 @@ pub struct TrainArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// libtorch and loader threads [default: all cores].
+    /// libtorch and loader threads [default: all cores, shared among the
+    /// ranks of the node under torchrun (LOCAL_WORLD_SIZE)].
     #[arg(long)]
     threads: Option<usize>,
+    /// Data-parallel runs (under torchrun or srun): seconds a rank waits for
+    /// the rendezvous or any collective before it gives up with an error.
+    #[arg(long, default_value_t = trainer::DEFAULT_DIST_TIMEOUT.as_secs())]
+    dist_timeout: u64,
     /// Write a checkpoint every N steps (and at the end).
     #[arg(long, default_value_t = 100)]
     checkpoint_every: u64,
@@ -153,16 +158,26 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
     cfg.clip_grad = a.clip_grad.unwrap_or(cfg.clip_grad);
     cfg.seed = a.seed;
     cfg.live_teacher = a.live_teacher.clone();
+    // torchrun / srun: this process is one rank of a data-parallel group
+    let launch = trainer::dist::Launch::from_env().context("reading the launcher's environment")?;
+    let ranks_here = std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0);
+    let main_rank = launch.as_ref().is_none_or(|l| l.rank == 0);
     let opts = trainer::RunOptions {
         out: a.out.clone(),
         device: a.device.clone(),
-        threads: a.threads.unwrap_or_else(super::cores),
+        threads: a.threads.unwrap_or_else(|| (super::cores() / ranks_here.filter(|_| launch.is_some()).unwrap_or(1)).max(1)),
         checkpoint_every: a.checkpoint_every,
         resume: a.resume,
         progress: super::progress(a.no_progress),
         bf16: !a.fp32,
+        launch,
+        dist_timeout: std::time::Duration::from_secs(a.dist_timeout.max(1)),
     };
     let s = trainer::run_train(&cfg, &opts).with_context(|| format!("training into {}", a.out.display()))?;
+    if !main_rank {
+        // rank 0 prints the summary, writes the run folder and evaluates
+        return Ok(ExitCode::SUCCESS);
+    }
     let last = s.metrics.last();
     let secs = s.elapsed.as_secs_f64();
     let imgs = (s.steps - s.start_step) as f64 * a.batch as f64;
