@@ -35,6 +35,14 @@ def step_seconds(run):
     return st.mean(batch / x for x in ips)
 
 
+def run_seconds(run):
+    """Training time of a run from its metrics (sum of step times): unlike the
+    log's train_seconds, it covers every invocation of a resumed run."""
+    rows = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
+    batch = json.load(open(os.path.join(run, "config.json")))["batch"]
+    return sum(batch / r["images_per_sec"] for r in rows)
+
+
 def read_log(out):
     text, log, dec, i = open(os.path.join(out, "log.jsonl")).read(), [], json.JSONDecoder(), 0
     while i < len(text):
@@ -80,7 +88,7 @@ def main(out):
             rows = [json.loads(l) for l in open(os.path.join(out, f"{variant}-s{r['seed']}", "metrics.jsonl"))]
             losses.append(st.mean(x["loss"] for x in rows[-5:]))
         lo = ms(losses)
-        ts = ms([r["train_seconds"] for r in rs])
+        ts = ms([run_seconds(os.path.join(out, f"{variant}-s{r['seed']}")) for r in rs])
         gap_c = (kc[0] - f_cls[0]) / max(t_cls - f_cls[0], 1e-9)
         gap_m = (km[0] - f_mean[0]) / max(t_mean - f_mean[0], 1e-9)
         res["variants"][variant] = dict(knn_cls=kc, knn_mean=km, align_visible=av, align_masked=az, loss=lo, train_seconds=ts, gap_cls=gap_c, gap_mean=gap_m, seeds=len(rs))
@@ -106,7 +114,7 @@ def main(out):
     if cost:
         cached, live = step_seconds(cost["cached"]), step_seconds(cost["live"])
         ratio = live / cached
-        total_train = sum(r["train_seconds"] for r in runs)
+        total_train = sum(run_seconds(os.path.join(out, f"{r['variant']}-s{r['seed']}")) for r in runs)
         res["cost"] = dict(step_cached=cached, step_live=live, ratio=ratio, train_seconds_all_runs=total_train,
                            live_estimate_seconds=total_train * ratio)
         lines += ["", f"Extraction once: {extract['seconds']:.0f} s, {extract['bytes']/1e6:.1f} MB on disk.",
