@@ -9,8 +9,42 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use shard_store::Store;
+
+/// A path as the `&str` argument of a command line.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// `(step, loss, loss_v, loss_z)` of every line of a run's `metrics.jsonl`.
+pub fn losses(run: &Path) -> Vec<(u64, f64, f64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json line");
+            (
+                v["step"].as_u64().expect("step"),
+                v["loss"].as_f64().expect("loss"),
+                v["loss_v"].as_f64().expect("v"),
+                v["loss_z"].as_f64().expect("z"),
+            )
+        })
+        .collect()
+}
+
+/// Wait (at most 300 s) until a run's `checkpoints/latest` names `name`
+/// (e.g. `step-00000008`) or a later checkpoint.
+pub fn wait_for_checkpoint(run: &Path, name: &str) {
+    let latest = run.join("checkpoints/latest");
+    let t = Instant::now();
+    while !std::fs::read_to_string(&latest).is_ok_and(|s| s.trim() >= name) {
+        assert!(t.elapsed() < Duration::from_secs(300), "no checkpoint {name} written in {}", run.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {

@@ -12,10 +12,6 @@ use std::time::{Duration, Instant};
 
 use caev2_tests::*;
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 /// 6 photos x 2 views from the tiny teacher, shared by the whole binary.
 fn store() -> &'static (PathBuf, PathBuf) {
     static STORE: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
@@ -96,18 +92,7 @@ fn ok(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn losses(run: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .expect("metrics")
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("json");
-            (v["step"].as_u64().expect("step"), v["loss"].as_f64().expect("loss"))
-        })
-        .collect()
-}
-
-fn assert_same_losses(a: &[(u64, f64)], b: &[(u64, f64)], what: &str) {
+fn assert_same_losses(a: &[(u64, f64, f64, f64)], b: &[(u64, f64, f64, f64)], what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: step counts");
     for (x, y) in a.iter().zip(b) {
         assert_eq!(x.0, y.0);
@@ -127,15 +112,6 @@ fn weights(run: &Path) -> Vec<(String, Vec<f32>)> {
         .collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     named
-}
-
-fn wait_for_checkpoint(run: &Path, name: &str) {
-    let latest = run.join("checkpoints/latest");
-    let t = Instant::now();
-    while !std::fs::read_to_string(&latest).is_ok_and(|s| s.trim() >= name) {
-        assert!(t.elapsed() < Duration::from_secs(300), "no checkpoint {name} written");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// 1 rank x batch 4 (reference), 2 ranks x 2 from the start, and a 2-rank

@@ -10,10 +10,6 @@ use caev2_tests::*;
 use caev2_views::{decode_image, normalize_chw, render_view};
 use shard_store::{Store, resample_grid};
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 /// PNG photos (lossless: Pillow and caev2 decode the same pixels) and JPEG
 /// ImageNet photos (decoders may differ by a level).
 fn mixed_dataset(dir: &Path) -> PathBuf {

@@ -9,10 +9,6 @@ use std::process::Output;
 use caev2_tests::*;
 use shard_store::{IndexRow, ShardReport, Store};
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 /// 6 photos in 2 classes, 2 views each, tiny teacher, 2 shards of 4 and 2 images.
 fn small_store(tmp: &Path) -> (PathBuf, PathBuf) {
     let data = tmp.join("data");

@@ -1,15 +1,11 @@
 //! `caev2 inspect`, `eval`, `export`, `plot` on a small real store built by
 //! the test, each checked against values it can know.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use caev2_tests::*;
 use shard_store::Store;
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 struct Fixture {
     _tmp: tempfile::TempDir,

@@ -6,13 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 use caev2_tests::*;
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// One store for the whole test binary: 20 ImageNet photos x 2 views.
 fn store() -> &'static (PathBuf, PathBuf) {
@@ -24,22 +19,6 @@ fn store() -> &'static (PathBuf, PathBuf) {
         run_ok(&["extract", "--teacher", s(&dinov2()), "--data", s(&data), "--out", s(&out), "--views", "2", "--no-progress"]);
         (data, out)
     })
-}
-
-fn losses(run: &Path) -> Vec<(u64, f64, f64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .expect("metrics")
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("json line");
-            (
-                v["step"].as_u64().expect("step"),
-                v["loss"].as_f64().expect("loss"),
-                v["loss_v"].as_f64().expect("v"),
-                v["loss_z"].as_f64().expect("z"),
-            )
-        })
-        .collect()
 }
 
 fn train_args<'a>(out: &'a str, steps: &'a str) -> Vec<&'a str> {
@@ -122,12 +101,7 @@ fn killed_training_resumes_to_the_same_losses() {
     let mut args = train_args(s(&killed), "16");
     args.extend(["--checkpoint-every", "4"]);
     let mut child = Command::new(caev2()).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
-    let latest = killed.join("checkpoints/latest");
-    let t = Instant::now();
-    while !std::fs::read_to_string(&latest).is_ok_and(|s| s.trim() >= "step-00000008") {
-        assert!(t.elapsed() < Duration::from_secs(300), "no checkpoint written");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_checkpoint(&killed, "step-00000008");
     child.kill().expect("SIGKILL");
     child.wait().expect("reap");
     let before = losses(&killed).len();

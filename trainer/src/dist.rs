@@ -362,10 +362,8 @@ impl Dist {
         if self.group.is_none() {
             return result;
         }
-        let mut failed = vec![0f64; self.world];
-        failed[self.rank] = f64::from(u8::from(result.is_err()));
-        let all = self.sum(&failed)?;
-        let bad: Vec<String> = all.iter().enumerate().filter(|(_, f)| **f > 0.0).map(|(r, _)| r.to_string()).collect();
+        let all = self.all_gather(&[f64::from(u8::from(result.is_err()))])?;
+        let bad: Vec<String> = all.iter().enumerate().filter(|(_, f)| f[0] > 0.0).map(|(r, _)| r.to_string()).collect();
         match result {
             Err(e) => Err(e),
             Ok(_) if !bad.is_empty() => Err(self.error(format!("{phase} failed on rank(s) {} (see their output)", bad.join(", ")))),
@@ -382,21 +380,25 @@ impl Dist {
         if self.group.is_none() {
             return Ok(());
         }
-        // an all-gather by all-reduce: each rank fills its own row; 16-bit
-        // pieces are exact in f64
+        // 16-bit pieces are exact in f64
         let pieces: Vec<f64> = digest.chunks(2).map(|c| f64::from(u16::from_le_bytes([c[0], c[1]]))).collect();
-        let mut rows = vec![0f64; self.world * pieces.len()];
-        rows[self.rank * pieces.len()..(self.rank + 1) * pieces.len()].copy_from_slice(&pieces);
-        let all = self.sum(&rows)?;
-        let first = &all[..pieces.len()];
-        let differ: Vec<String> =
-            (1..self.world).filter(|r| &all[r * pieces.len()..(r + 1) * pieces.len()] != first).map(|r| r.to_string()).collect();
+        let all = self.all_gather(&pieces)?;
+        let differ: Vec<String> = (1..self.world).filter(|&r| all[r] != all[0]).map(|r| r.to_string()).collect();
         if differ.is_empty() {
             Ok(())
         } else {
             Err(self
                 .error(format!("{what} of rank(s) {} differ from rank 0's: start every rank with the same arguments", differ.join(", "))))
         }
+    }
+
+    /// Every rank's `values` (the same length on every rank), by rank: an
+    /// all-gather made of one all-reduce sum, each rank filling its own row.
+    fn all_gather(&self, values: &[f64]) -> Result<Vec<Vec<f64>>> {
+        let n = values.len();
+        let mut rows = vec![0f64; self.world * n];
+        rows[self.rank * n..(self.rank + 1) * n].copy_from_slice(values);
+        Ok(self.sum(&rows)?.chunks(n.max(1)).map(<[f64]>::to_vec).collect())
     }
 }
 
