@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use caev2_views::{DECODER_ID, SplitMix64, ViewParams, decode_image, normalize_chw, render_crop, resize_bicubic};
+use caev2_views::{DECODER_ID, SplitMix64, ViewParams, decode_image, normalize_chw, render_crop};
 use crossbeam_channel::{Receiver, bounded};
 use rayon::prelude::*;
 use shard_store::{Store, resample_grid};
@@ -342,12 +342,12 @@ impl DataSource {
                     });
                 }
                 let crop = render_crop(&decoded.rgb, params);
-                normalize_chw(&resize_bicubic(&crop, cfg.image_size, cfg.image_size), IMAGENET_MEAN, IMAGENET_STD, img_buf);
+                normalize_chw(&crop.resize(cfg.image_size, cfg.image_size), IMAGENET_MEAN, IMAGENET_STD, img_buf);
                 let mut teacher_in = Vec::new();
                 let mut target = Vec::new();
                 if cfg.teacher_inputs {
                     teacher_in = vec![0f32; per_teacher];
-                    normalize_chw(&resize_bicubic(&crop, st as u32, st as u32), m.teacher.mean, m.teacher.std, &mut teacher_in);
+                    normalize_chw(&crop.resize(st as u32, st as u32), m.teacher.mean, m.teacher.std, &mut teacher_in);
                 } else {
                     let t = self.store.targets(iv.image_id, *view)?.ok_or_else(|| TrainError::Targets {
                         image_id: iv.image_id,

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use caev2_views::{ViewSampler, ViewSettings, decode_image, normalize_chw, render_view};
+use caev2_views::{ViewSampler, ViewSettings, decode_image, normalize_chw, render_crop};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
@@ -23,11 +23,27 @@ fn main() {
     let img = img.expect("decoded");
     let sampler = ViewSampler::new(0, ViewSettings::cae_v2(224, size));
     let mut buf = vec![0f32; 3 * (size * size) as usize];
-    let t = Instant::now();
+    let (mut crop_s, mut resize_s, mut norm_s) = (0.0, 0.0, 0.0);
     for v in 0..views {
         let p = sampler.sample(0, v, img.width(), img.height());
-        normalize_chw(&render_view(&img, &p, size), [0.5; 3], [0.25; 3], &mut buf);
+        let t = Instant::now();
+        let crop = render_crop(&img, &p);
+        crop_s += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let view = crop.resize(size, size);
+        resize_s += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        normalize_chw(&view, [0.5; 3], [0.25; 3], &mut buf);
+        norm_s += t.elapsed().as_secs_f64();
     }
-    let view_ms = t.elapsed().as_secs_f64() * 1e3 / f64::from(views);
-    println!("{path} ({}x{}): decode {decode_ms:.2} ms, one view at {size} px {view_ms:.2} ms", img.width(), img.height());
+    let ms = |s: f64| s * 1e3 / f64::from(views);
+    println!(
+        "{path} ({}x{}): decode {decode_ms:.2} ms; one view at {size} px {:.2} ms = jitter+crop {:.2} + resize {:.2} + normalise {:.2}",
+        img.width(),
+        img.height(),
+        ms(crop_s + resize_s + norm_s),
+        ms(crop_s),
+        ms(resize_s),
+        ms(norm_s)
+    );
 }

@@ -13,7 +13,7 @@
 //!   `(seed, image id, view number)` with the torchvision distributions.
 //! * [`decode_image`] reads what ImageNet really contains (CMYK, grayscale,
 //!   PNG named `.JPEG`, palettes, alpha, 16-bit, EXIF orientation).
-//! * [`render_crop`] + [`resize_bicubic`] rebuild the pixels. They reproduce
+//! * [`render_crop`] + [`Crop::resize`] (or [`resize_bicubic`]) rebuild the pixels. They reproduce
 //!   Pillow's integer algorithms bit for bit (ImageEnhance blends in `f32`,
 //!   `convert("L")` with 16-bit fixed-point weights, the two-pass fixed-point
 //!   bicubic resampler), so the pixels equal what torchvision computes on the
@@ -34,7 +34,7 @@ mod sampler;
 pub use decode::{DECODER_ID, DecodeError, DecodedImage, decode_image, decode_image_bytes};
 pub use params::{ColorOp, CropBox, Interpolation, ViewParams, ViewSettings};
 pub use pil::{blend, contrast_mean, resize_bicubic, to_grayscale};
-pub use render::{normalize_chw, render_crop, render_view};
+pub use render::{Crop, normalize_chw, render_crop, render_view};
 pub use rng::SplitMix64;
 pub use sampler::ViewSampler;
 
