@@ -4,6 +4,8 @@
 # first successful run. Every native and Python version is pinned here, once.
 #
 #   scripts/setup.sh            # libtorch, ONNX Runtime, teacher, sample data, Python tools
+#   CAEV2_GPU=1 scripts/setup.sh   # also onnxruntime-gpu + its CUDA 13 / cuDNN 9 libraries
+#                                  # (automatic where an NVIDIA driver is loaded; CAEV2_GPU=0 skips it)
 #
 # Prints the environment to use (also written to .deps/env.sh).
 set -euo pipefail
@@ -24,6 +26,9 @@ SKIMAGE_VERSION=0.25.2            # a few natural photos of various formats
 TIMM_VERSION=1.0.22               # ImageNet wnids (timm/data/_info)
 GLOO_DEB_VERSION=0.0~git20220518.5b14351-3   # Debian's libgloo-dev: headers only, to compile the c10d shim
 GLOO_DEB_SHA256=80529c9fd8af452faf489e686b94bf87075965c40673803810c4f41634b1e299
+# onnxruntime-gpu (CUDA 13 build) and the CUDA libraries its CUDA provider
+# loads, at the versions torch 2.11.0 pins (cuda-toolkit 13.0.2, cuDNN 9.19)
+ORT_GPU_CUDA_PINS="nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvrtc==13.0.88 nvidia-cublas==13.1.0.3 nvidia-cufft==12.0.0.61 nvidia-curand==10.4.0.35 nvidia-cudnn-cu13==9.19.0.56"
 PY_NUMPY=2.3.5
 PY_PILLOW=12.0.0
 PY_ONNX=1.19.1
@@ -85,6 +90,39 @@ PYEOF
 fi
 ln -sf "libonnxruntime.so.$ORT_VERSION" "$ORT_DIR/libonnxruntime.so"
 ORT_DYLIB_PATH="$ORT_DIR/libonnxruntime.so"
+
+# ---- 2b. onnxruntime-gpu, only where a GPU can use it ---------------------------
+# ~1.5 GB of wheels (the CUDA provider alone is 284 MB), so only on machines
+# with an NVIDIA driver, or when asked with CAEV2_GPU=1. caev2 prefers this
+# library when it exists (teacher::ort_library); it runs the CPU provider too.
+ORT_GPU_DIR="$DEPS/ort-gpu"
+GPU_WANTED=${CAEV2_GPU:-auto}
+if [[ "$GPU_WANTED" == auto ]]; then
+  if [[ -e /proc/driver/nvidia/version ]]; then GPU_WANTED=1; else GPU_WANTED=0; fi
+fi
+if [[ "$GPU_WANTED" == 1 ]] && ! stamp_ok ort-gpu "$ORT_VERSION $ORT_GPU_CUDA_PINS"; then
+  log "installing onnxruntime-gpu $ORT_VERSION and its CUDA libraries ($ORT_GPU_CUDA_PINS)"
+  rm -rf "$ORT_GPU_DIR" "$DEPS/dl-ort-gpu"; mkdir -p "$ORT_GPU_DIR" "$DEPS/dl-ort-gpu"
+  "$PY" -m pip download --quiet --no-deps -d "$DEPS/dl-ort-gpu" "onnxruntime-gpu==$ORT_VERSION"
+  "$PY" - "$DEPS/dl-ort-gpu" "$ORT_GPU_DIR" "$ORT_VERSION" <<'PYEOF'
+import glob, sys, zipfile, os
+src, dst, ver = sys.argv[1:]
+whl = glob.glob(os.path.join(src, "onnxruntime_gpu-*.whl"))[0]
+with zipfile.ZipFile(whl) as z:
+    for name in [f"libonnxruntime.so.{ver}", "libonnxruntime_providers_shared.so",
+                 "libonnxruntime_providers_cuda.so", "libonnxruntime_providers_tensorrt.so"]:
+        with z.open(f"onnxruntime/capi/{name}") as f, open(os.path.join(dst, name), "wb") as out:
+            out.write(f.read())
+PYEOF
+  "$PY" -m pip install --quiet --no-deps --target "$ORT_GPU_DIR" $ORT_GPU_CUDA_PINS
+  ln -sf "libonnxruntime.so.$ORT_VERSION" "$ORT_GPU_DIR/libonnxruntime.so"
+  rm -rf "$DEPS/dl-ort-gpu"
+  stamp_set ort-gpu "$ORT_VERSION $ORT_GPU_CUDA_PINS"
+fi
+if [[ -e "$ORT_GPU_DIR/libonnxruntime.so" ]]; then
+  ORT_DYLIB_PATH="$ORT_GPU_DIR/libonnxruntime.so"
+  CUDA_LIBS="$ORT_GPU_DIR/nvidia/cu13/lib:$ORT_GPU_DIR/nvidia/cudnn/lib:$CUDA_LIBS"
+fi
 
 # ---- 3. Python tools venv (fixtures, teacher graph edit, reference pipeline) --
 VENV="$DEPS/py"

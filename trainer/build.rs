@@ -3,7 +3,9 @@
 //!    cannot open shared object file" unless LD_LIBRARY_PATH is set.
 //! 2. Compile `src/autocast.cpp`, which sets the CUDA autocast dtype to
 //!    bfloat16 (tch exposes autocast but not its dtype).
-//! 3. Compile `src/dist.cpp`, the binding to libtorch's c10d (TCPStore +
+//! 3. Compile `src/optim.cpp`: ATen's fused AdamW and sync-free gradient
+//!    clipping (multi-tensor kernels tch does not wrap).
+//! 4. Compile `src/dist.cpp`, the binding to libtorch's c10d (TCPStore +
 //!    ProcessGroupGloo) for data-parallel training. It needs the gloo
 //!    headers that `scripts/setup.sh` installs (`CAEV2_GLOO_INCLUDE`).
 use std::path::PathBuf;
@@ -23,11 +25,13 @@ fn torch_build(include: &std::path::Path) -> cc::Build {
 fn main() {
     println!("cargo:rerun-if-changed=src/autocast.cpp");
     println!("cargo:rerun-if-changed=src/dist.cpp");
+    println!("cargo:rerun-if-changed=src/optim.cpp");
     println!("cargo:rerun-if-env-changed=CAEV2_GLOO_INCLUDE");
     let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys reports DEP_TCH_LIBTORCH_LIB"));
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     let include = lib.parent().expect("libtorch root").join("include");
     torch_build(&include).file("src/autocast.cpp").compile("caev2_autocast");
+    torch_build(&include).file("src/optim.cpp").compile("caev2_optim");
 
     let gloo = std::env::var_os("CAEV2_GLOO_INCLUDE").map(PathBuf::from).unwrap_or_else(|| {
         PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("../.deps/gloo/include")

@@ -15,4 +15,7 @@ mod error;
 mod model;
 
 pub use error::{Result, TeacherError};
-pub use model::{ClipModel, Teacher, TeacherSpec, deps_dir, environment, models_dir, ort_library, parse_triple, sha256_file};
+pub use model::{
+    ClipModel, Teacher, TeacherDevice, TeacherSpec, cuda_provider_available, deps_dir, environment, gpu_deps_dir, models_dir,
+    nvidia_driver_present, ort_library, parse_triple, sha256_file,
+};

@@ -17,10 +17,96 @@ pub fn deps_dir() -> PathBuf {
     PathBuf::from(env!("CAEV2_BUILD_DEPS_DIR"))
 }
 
-/// The ONNX Runtime library: `$ORT_DYLIB_PATH`, else the one installed by
-/// `scripts/setup.sh`.
+/// The ONNX Runtime library: `$ORT_DYLIB_PATH`, else the GPU build
+/// (onnxruntime-gpu) when `scripts/setup.sh` installed it (on machines with
+/// an NVIDIA driver, or with `CAEV2_GPU=1`), else the CPU build. The GPU
+/// build runs the CPU provider as well.
 pub fn ort_library() -> PathBuf {
-    std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from).unwrap_or_else(|| deps_dir().join("onnxruntime/libonnxruntime.so"))
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return PathBuf::from(p);
+    }
+    let gpu = gpu_deps_dir().join("libonnxruntime.so");
+    if gpu.exists() { gpu } else { deps_dir().join("onnxruntime/libonnxruntime.so") }
+}
+
+/// Where `scripts/setup.sh` puts onnxruntime-gpu and the CUDA 13 and cuDNN 9
+/// libraries its CUDA provider loads (`nvidia/cu13/lib`, `nvidia/cudnn/lib`).
+pub fn gpu_deps_dir() -> PathBuf {
+    deps_dir().join("ort-gpu")
+}
+
+/// Whether this machine has an NVIDIA driver loaded.
+pub fn nvidia_driver_present() -> bool {
+    Path::new("/proc/driver/nvidia/version").exists()
+}
+
+/// Where the teacher runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum TeacherDevice {
+    /// ONNX Runtime's CPU provider.
+    #[default]
+    Cpu,
+    /// The CUDA provider on GPU `device`.
+    Cuda {
+        /// CUDA device index.
+        device: i32,
+    },
+    /// The TensorRT provider on GPU `device` (falling back to CUDA for nodes
+    /// TensorRT does not take), with its engines cached in `cache`.
+    TensorRt {
+        /// CUDA device index.
+        device: i32,
+        /// Let TensorRT run layers in float16.
+        fp16: bool,
+        /// Engine and timing cache folder (building engines takes minutes).
+        cache: PathBuf,
+    },
+}
+
+impl TeacherDevice {
+    /// Short description for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Cpu => "CPU".into(),
+            Self::Cuda { device } => format!("CUDA device {device}"),
+            Self::TensorRt { device, fp16, .. } => format!("TensorRT on CUDA device {device}{}", if *fp16 { ", fp16" } else { "" }),
+        }
+    }
+}
+
+/// Whether the ONNX Runtime library ([`ort_library`]) has the CUDA provider,
+/// i.e. is a GPU build (loads the library).
+///
+/// # Errors
+/// [`TeacherError::Runtime`] when the library is missing or unusable.
+pub fn cuda_provider_available() -> Result<bool> {
+    use ort::ep::ExecutionProvider;
+    environment()?;
+    Ok(ort::ep::CUDA::is_available().unwrap_or(false))
+}
+
+/// Make the GPU providers loadable: the library must be a GPU build, and the
+/// CUDA and cuDNN libraries setup installed are loaded first (otherwise they
+/// come from `LD_LIBRARY_PATH`).
+fn prepare_gpu() -> Result<()> {
+    let lib = ort_library();
+    if !nvidia_driver_present() {
+        return Err(TeacherError::Runtime("no NVIDIA driver on this machine (/proc/driver/nvidia/version): use --device cpu".into()));
+    }
+    if !cuda_provider_available()? {
+        return Err(TeacherError::Runtime(format!(
+            "{} is ONNX Runtime without CUDA support: run scripts/setup.sh on this machine (it installs onnxruntime-gpu where an \
+             NVIDIA driver is present, or with CAEV2_GPU=1), or point ORT_DYLIB_PATH at onnxruntime-gpu's library",
+            lib.display()
+        )));
+    }
+    let nvidia = gpu_deps_dir().join("nvidia");
+    let (cuda, cudnn) = (nvidia.join("cu13/lib"), nvidia.join("cudnn/lib"));
+    if cuda.exists() && cudnn.exists() {
+        ort::ep::cuda::preload_dylibs(Some(&cuda), Some(&cudnn))
+            .map_err(|e| TeacherError::Runtime(format!("loading the CUDA libraries in {}: {e}", nvidia.display())))?;
+    }
+    Ok(())
 }
 
 /// The folder of teacher models: `$CAEV2_MODELS`, else `.deps/models`.
@@ -70,6 +156,8 @@ pub struct TeacherSpec {
     pub has_cls: Option<bool>,
     /// Output name (default: the model's first output).
     pub output: Option<String>,
+    /// Where it runs.
+    pub device: TeacherDevice,
 }
 
 /// Built-in CLIP teachers, exported by `target-extractor/scripts/export_clip.py`.
@@ -184,11 +272,35 @@ impl Teacher {
             return Err(bad("file not found".into()));
         }
         let env = environment()?;
-        let session = Session::builder(env)?
-            .with_optimization_level(GraphOptimizationLevel::All)?
-            .with_intra_threads(intra_threads.max(1))?
-            .commit_from_file(&path)
-            .map_err(|e| bad(format!("cannot load: {e}")))?;
+        let mut builder =
+            Session::builder(env)?.with_optimization_level(GraphOptimizationLevel::All)?.with_intra_threads(intra_threads.max(1))?;
+        let providers = match &spec.device {
+            TeacherDevice::Cpu => Vec::new(),
+            TeacherDevice::Cuda { device } => vec![ort::ep::CUDA::default().with_device_id(*device).build().error_on_failure()],
+            TeacherDevice::TensorRt { device, fp16, cache } => {
+                std::fs::create_dir_all(cache).map_err(|e| TeacherError::io(cache, "create the TensorRT cache folder", e))?;
+                let cache = cache.display().to_string();
+                vec![
+                    ort::ep::TensorRT::default()
+                        .with_device_id(*device)
+                        .with_fp16(*fp16)
+                        .with_engine_cache(true)
+                        .with_engine_cache_path(&cache)
+                        .with_timing_cache(true)
+                        .with_timing_cache_path(&cache)
+                        .build()
+                        .error_on_failure(),
+                    ort::ep::CUDA::default().with_device_id(*device).build().error_on_failure(),
+                ]
+            }
+        };
+        if !providers.is_empty() {
+            prepare_gpu()?;
+            builder = builder
+                .with_execution_providers(providers)
+                .map_err(|e| TeacherError::Runtime(format!("{}: {e}", spec.device.describe())))?;
+        }
+        let session = builder.commit_from_file(&path).map_err(|e| bad(format!("cannot load: {e}")))?;
         let meta = session.metadata()?;
         let get = |k: &str| meta.custom(&format!("caev2.{k}"));
         let need = |what: &str, flag: &str| bad(format!("the model has no caev2.{what} metadata; pass {flag}"));
@@ -252,7 +364,7 @@ impl Teacher {
                 grid: [input_size / patch_size; 2],
                 tokens: 0,
                 dim: 0,
-                precision: "fp32".into(),
+                precision: if matches!(spec.device, TeacherDevice::TensorRt { fp16: true, .. }) { "fp16" } else { "fp32" }.into(),
             },
             path: path.clone(),
         };

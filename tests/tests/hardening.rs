@@ -223,6 +223,14 @@ fn huge_or_odd_arguments_are_refused_before_anything_is_written() {
         assert!(e.contains(says), "{e}");
         assert!(!out.exists(), "{flag} {value}: nothing may be written");
     }
+    // a GPU teacher where there is no GPU (or no GPU build of ONNX Runtime)
+    if !Path::new("/proc/driver/nvidia/version").exists() {
+        let e = failed(&extract(&["--device", "cuda"]));
+        assert!(e.contains("no NVIDIA driver"), "{e}");
+        assert!(!out.exists(), "--device cuda: nothing may be written");
+    }
+    let e = failed(&extract(&["--device", "cpu", "--tensorrt"]));
+    assert!(e.contains("--tensorrt needs a GPU"), "{e}");
     // the corrected retry works
     let o = extract(&["--views", "1"]);
     assert!(o.status.success(), "{}", stderr(&o));

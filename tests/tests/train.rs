@@ -290,3 +290,48 @@ fn a_112_px_student_on_the_semantic_teacher_grid_beats_its_floor_on_a_held_out_v
     let names: Vec<&str> = k["rows"].as_array().expect("rows").iter().map(|r| r["encoder"].as_str().expect("name")).collect();
     assert!(names.iter().any(|n| n.contains("random-init vit_tiny_patch16_224 at 112 px")), "{names:?}");
 }
+
+/// Losses are read back from the device every `--metrics-every` steps (one
+/// host sync per group): how often changes nothing in the numbers, every
+/// step still gets its line, and TFLOP/s and MFU are reported. `--loader-only`
+/// measures the loader alone.
+#[test]
+fn losses_do_not_depend_on_how_often_they_are_read_back() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (data, store) = store();
+    let train = |every: &str, peak: &str| {
+        let run_dir = tmp.path().join(format!("every-{every}"));
+        let args = ["train", "--shards", s(store), "--data", s(data), "--out", s(&run_dir), "--batch", "2", "--steps", "6"];
+        let more = ["--warmup-steps", "1", "--device", "cpu", "--metrics-every", every, "--checkpoint-every", "4", "--peak-tflops", peak];
+        run_ok(&[&args[..], &more[..], &["--no-progress"]].concat());
+        run_dir
+    };
+    let (one, four) = (train("1", "1"), train("4", "2"));
+    let (a, b) = (losses(&one), losses(&four));
+    assert_eq!(a.len(), 6);
+    assert_eq!(a, b, "the read-back interval changed the losses");
+    let text = std::fs::read_to_string(four.join("metrics.jsonl")).expect("metrics");
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("json");
+        let tflops = v["tflops"].as_f64().expect("tflops");
+        assert!(tflops > 0.0, "{line}");
+        assert!((v["mfu"].as_f64().expect("mfu") - tflops / 2.0).abs() < 1e-12, "MFU is TFLOP/s over the peak: {line}");
+    }
+    let out = run_ok(&[
+        "train",
+        "--shards",
+        s(store),
+        "--data",
+        s(data),
+        "--out",
+        s(&tmp.path().join("l")),
+        "--batch",
+        "4",
+        "--steps",
+        "5",
+        "--loader-only",
+        "--threads",
+        "1",
+    ]);
+    assert!(out.contains("images/s with 1 threads"), "{out}");
+}

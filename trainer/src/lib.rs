@@ -26,6 +26,7 @@ mod train;
 
 pub use error::{Result, TrainError};
 pub use train::{
-    Budget, DEFAULT_DIST_TIMEOUT, LoadedModel, MAX_BATCH, MAX_STEPS, MAX_THREADS, Metrics, PAPER_EPOCHS, RunOptions, TrainConfig,
-    TrainSummary, alignment, initial_model, latest_checkpoint, load_checkpoint, run_train,
+    Budget, DEFAULT_DIST_TIMEOUT, DEFAULT_METRICS_EVERY, LoadedModel, LoaderSpeed, MAX_BATCH, MAX_STEPS, MAX_THREADS, Metrics,
+    PAPER_EPOCHS, RunOptions, TrainConfig, TrainSummary, alignment, initial_model, latest_checkpoint, load_checkpoint, measure_loader,
+    peak_tflops, run_train, thread_budget,
 };

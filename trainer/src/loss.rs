@@ -54,10 +54,12 @@ impl Default for LossConfig {
 pub struct Losses {
     /// The value to minimise.
     pub total: Tensor,
-    /// Mean `l_v` per token (reported even when off).
-    pub visible: f64,
-    /// Mean `l_z` per token (reported even when off).
-    pub masked: f64,
+    /// Mean `l_v` per token (reported even when off), a detached scalar
+    /// tensor on the batch's device: reading it is a host sync, left to the
+    /// caller.
+    pub visible: Tensor,
+    /// Mean `l_z` per token (reported even when off), like `visible`.
+    pub masked: Tensor,
 }
 
 /// L2-normalise the last dimension.
@@ -86,8 +88,8 @@ pub fn losses(pred_v: &Tensor, target_v: &Tensor, pred_z: &Tensor, target_z: &Te
     let dz = token_distances(pred_z, target_z, cfg.kind);
     let (nv, nz) = (dv.numel() as f64, dz.numel() as f64);
     let (sv, sz) = (dv.sum(Kind::Float), dz.sum(Kind::Float));
-    let visible = sv.double_value(&[]) / nv.max(1.0);
-    let masked = sz.double_value(&[]) / nz.max(1.0);
+    let visible = (&sv / nv.max(1.0)).detach();
+    let masked = (&sz / nz.max(1.0)).detach();
     let total = match (cfg.visible, cfg.masked, cfg.weighting) {
         (true, true, Weighting::Code) => (sv + sz) / (nv + nz),
         (true, true, Weighting::Paper) => sv / nv.max(1.0) + sz / nz.max(1.0),
@@ -134,6 +136,6 @@ mod tests {
         assert!((run(true, true, Weighting::Paper).total.double_value(&[]) - 1.0).abs() < 1e-6, "0 + 1");
         assert!(run(true, false, Weighting::Code).total.double_value(&[]).abs() < 1e-6);
         assert!((run(false, true, Weighting::Code).total.double_value(&[]) - 1.0).abs() < 1e-6);
-        assert!((code.visible - 0.0).abs() < 1e-6 && (code.masked - 1.0).abs() < 1e-6);
+        assert!(code.visible.double_value(&[]).abs() < 1e-6 && (code.masked.double_value(&[]) - 1.0).abs() < 1e-6);
     }
 }

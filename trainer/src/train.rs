@@ -190,8 +190,17 @@ pub struct RunOptions {
     pub out: PathBuf,
     /// Device name (`auto`, `cpu`, `cuda`, `cuda:N`).
     pub device: String,
-    /// libtorch and loader threads.
+    /// Threads of this process, split between libtorch and the loader (see
+    /// [`thread_budget`]).
     pub threads: usize,
+    /// Loader threads, overriding the split of `threads`.
+    pub loader_threads: Option<usize>,
+    /// Read the losses back from the device every N steps (one host sync
+    /// per N steps; `metrics.jsonl` still gets a line per step).
+    pub metrics_every: u64,
+    /// The device's peak TFLOP/s at the run's precision, for MFU; `None`
+    /// looks the GPU up in a table of known ones (see [`peak_tflops`]).
+    pub peak_tflops: Option<f64>,
     /// Checkpoint every N steps (and at the end).
     pub checkpoint_every: u64,
     /// Continue from the run folder's last checkpoint.
@@ -210,6 +219,58 @@ pub struct RunOptions {
 /// Default of [`RunOptions::dist_timeout`].
 pub const DEFAULT_DIST_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Default of [`RunOptions::metrics_every`].
+pub const DEFAULT_METRICS_EVERY: u64 = 10;
+
+/// How `threads` are split: `(libtorch intra-op threads, loader threads)`.
+///
+/// On CUDA the GPU computes and libtorch's CPU pool has little to do (one
+/// thread), so the loader gets the rest. On the CPU the model's compute is
+/// libtorch's and takes every thread; the loader gets a quarter (at least
+/// one). Its threads work only while they refill the two prefetched
+/// batches, a few per cent of a CPU step, so the two rarely run at once.
+/// `loader` overrides the loader's share.
+pub fn thread_budget(threads: usize, cuda: bool, loader: Option<usize>) -> (usize, usize) {
+    let threads = threads.max(1);
+    match (cuda, loader) {
+        (true, Some(l)) => (threads.saturating_sub(l).max(1), l.max(1)),
+        (true, None) => (1, threads.saturating_sub(1).max(1)),
+        (false, Some(l)) => (threads, l.max(1)),
+        (false, None) => (threads, threads.div_ceil(4)),
+    }
+}
+
+/// Dense peak TFLOP/s of the GPU named `model` (as the NVIDIA driver names
+/// it) in bfloat16 (`bf16`) or fp32 without TF32 (libtorch's default for
+/// matmuls), from NVIDIA's data sheets; `None` for other devices.
+pub fn peak_tflops(model: &str, bf16: bool) -> Option<f64> {
+    let m = model.to_ascii_uppercase();
+    let (bf, fp) = if m.contains("H100") && m.contains("PCIE") {
+        (756.0, 51.0)
+    } else if m.contains("H100") && m.contains("NVL") {
+        (835.0, 60.0)
+    } else if m.contains("H100") || m.contains("H200") || m.contains("GH200") {
+        (989.4, 66.9)
+    } else if m.contains("A100") {
+        (312.0, 19.5)
+    } else {
+        return None;
+    };
+    Some(if bf16 { bf } else { fp })
+}
+
+/// The NVIDIA GPU model of this machine, from the driver's
+/// `/proc/driver/nvidia/gpus/*/information`; `None` without one, or when
+/// the GPUs differ.
+fn gpu_model() -> Option<String> {
+    let mut models = std::fs::read_dir("/proc/driver/nvidia/gpus").ok()?.filter_map(|e| {
+        let text = std::fs::read_to_string(e.ok()?.path().join("information")).ok()?;
+        text.lines().find_map(|l| l.strip_prefix("Model:").map(|m| m.trim().to_string()))
+    });
+    let first = models.next()?;
+    models.all(|m| m == first).then_some(first)
+}
+
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Metrics {
@@ -227,8 +288,17 @@ pub struct Metrics {
     pub lr: f64,
     /// Gradient norm before clipping.
     pub grad_norm: f64,
-    /// Images per second over the last step (of all ranks together).
+    /// Images per second (of all ranks together) over the steps whose
+    /// losses were read back together (`--metrics-every`).
     pub images_per_sec: f64,
+    /// Model TFLOP/s over the same steps, all ranks together
+    /// ([`ModelConfig::train_flops_per_image`]).
+    #[serde(default)]
+    pub tflops: f64,
+    /// Model FLOPs utilisation: `tflops` over the devices' peak, when the
+    /// peak is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
 }
 
 /// What a run did.
@@ -403,6 +473,8 @@ fn live_teacher(cfg: &TrainConfig, m: &shard_store::Manifest, threads: usize) ->
         patch_size: Some(m.teacher.patch_size),
         has_cls: Some(m.teacher.has_cls),
         output: Some(m.teacher.output.clone()),
+        // on the CPU, as the store's targets were checked against
+        device: teacher::TeacherDevice::Cpu,
     };
     Ok(Some(teacher::Teacher::load(&spec, threads)?))
 }
@@ -429,15 +501,20 @@ impl Stepper<'_> {
         self.rows.len()
     }
 
-    /// The batch's targets as `[B, 1 + grid^2, D]`: read from the store, or
-    /// computed by the live teacher.
-    fn targets(&self, batch: &crate::loader::Batch, teacher: Option<&mut teacher::Teacher>) -> Result<Tensor> {
-        let b = self.local_batch();
-        let tokens = 1 + (self.grid * self.grid) as i64;
-        let t = match teacher {
+    /// The batch on the device: images, visible and masked positions, and
+    /// the targets as `[B, 1 + grid^2, D]` (read from the store, or computed
+    /// by the live teacher). On CUDA the copies go through pinned host memory
+    /// and do not block, so the next batch is queued while the GPU still
+    /// works on this one.
+    fn upload(&self, batch: crate::loader::Batch, teacher: Option<&mut teacher::Teacher>) -> Result<DeviceBatch> {
+        let (b, s) = (self.local_batch() as i64, self.cfg.model.image_size);
+        let np = (self.grid * self.grid) as i64;
+        let nm = self.cfg.num_masked as i64;
+        let tokens = 1 + np;
+        let targets = match teacher {
             Some(t) => {
-                let out = t.forward(&batch.teacher_inputs, b)?;
-                let per = out.len() / b;
+                let out = t.forward(&batch.teacher_inputs, b as usize)?;
+                let per = out.len() / b as usize;
                 let student = (self.grid, self.grid);
                 let mapped: Vec<f32> = if self.teacher_grid == student {
                     out
@@ -450,24 +527,31 @@ impl Stepper<'_> {
             }
             None => Tensor::from_slice(&batch.targets),
         };
-        Ok(t.view([b as i64, tokens, self.dim]).to_device(self.device))
+        let device = self.device;
+        let put = |t: Tensor| if device.is_cuda() { t.pin_memory(device).to_device_(device, t.kind(), true, false) } else { t };
+        Ok(DeviceBatch {
+            epoch: batch.epoch,
+            images: put(Tensor::from_slice(&batch.images).view([b, 3, s, s])),
+            visible: put(Tensor::from_slice(&batch.visible).view([b, np - nm])),
+            masked: put(Tensor::from_slice(&batch.masked).view([b, nm])),
+            targets: put(targets.view([b, tokens, self.dim])),
+        })
     }
 
     /// Forward, losses, backward, the gradients' all-reduce, clipping and
-    /// the AdamW update of `step`. The losses returned are the global batch's.
-    fn step(&self, step: u64, batch: &crate::loader::Batch, targets: &Tensor, opt: &mut AdamW) -> Result<Metrics> {
+    /// the AdamW update of `step`, without reading anything back: the
+    /// losses and the gradient norm stay on the device until the next
+    /// [`flush`].
+    fn step(&self, step: u64, batch: &DeviceBatch, opt: &mut AdamW) -> Result<Pending> {
         let cfg = self.cfg;
-        let (b, s, dim) = (self.local_batch() as i64, cfg.model.image_size, self.dim);
+        let dim = self.dim;
         let np = (self.grid * self.grid) as i64;
-        let nm = cfg.num_masked as i64;
-        let images = Tensor::from_slice(&batch.images).view([b, 3, s, s]).to_device(self.device);
-        let visible = Tensor::from_slice(&batch.visible).view([b, np - nm]).to_device(self.device);
-        let masked = Tensor::from_slice(&batch.masked).view([b, nm]).to_device(self.device);
+        let DeviceBatch { images, visible, masked, targets, .. } = batch;
 
         tch::manual_seed((cfg.seed as i64).wrapping_add(step as i64 + 1));
         opt.zero_grad();
         let pass = Pass::Train { global: cfg.batch as i64, offset: self.rows.start as i64 };
-        let out = tch::autocast(self.autocast, || self.model.forward(&images, &visible, &masked, pass));
+        let out = tch::autocast(self.autocast, || self.model.forward(images, visible, masked, pass));
         let out = crate::model::Output { visible: out.visible.to_kind(Kind::Float), masked: out.masked.to_kind(Kind::Float) };
         let patches = targets.narrow(1, 1, np);
         let target_v =
@@ -478,18 +562,79 @@ impl Stepper<'_> {
         // every rank's slice has the same number of tokens, so the mean of
         // the ranks' mean gradients is the global batch's
         self.dist.average_gradients(&opt.grads())?;
-        let grad_norm = opt.clip_grad_norm(cfg.clip_grad);
+        let grad_norm = opt.clip_grad_norm(cfg.clip_grad)?.unwrap_or_else(|| Tensor::zeros([], (Kind::Float, self.device)));
         let lr = cosine_lr(step as i64, cfg.steps as i64, cfg.warmup_steps as i64, cfg.lr, cfg.min_lr);
-        opt.step(lr);
-        let local = [l.total.to_kind(Kind::Double).double_value(&[]), l.visible, l.masked];
-        let world = self.dist.world as f64;
-        let global: Vec<f64> = self.dist.sum(&local)?.into_iter().map(|x| x / world).collect();
-        let (loss, loss_v, loss_z) = (global[0], global[1], global[2]);
-        if !loss.is_finite() {
-            return Err(TrainError::Diverged { step: step + 1, loss });
-        }
-        Ok(Metrics { step: step + 1, epoch: batch.epoch, loss, loss_v, loss_z, lr, grad_norm, images_per_sec: 0.0 })
+        opt.step(lr)?;
+        let values = Tensor::stack(&[l.total.detach().to_kind(Kind::Float), l.visible, l.masked, grad_norm], 0);
+        Ok(Pending { step: step + 1, epoch: batch.epoch, lr, values })
     }
+}
+
+/// A batch on the training device.
+struct DeviceBatch {
+    epoch: u64,
+    images: Tensor,
+    visible: Tensor,
+    masked: Tensor,
+    targets: Tensor,
+}
+
+/// A step whose losses are still on the device.
+struct Pending {
+    step: u64,
+    epoch: u64,
+    lr: f64,
+    /// `[loss, l_v, l_z, grad_norm]` of this rank (the norm is global).
+    values: Tensor,
+}
+
+/// Read the pending steps' values back (one host sync), average the losses
+/// over the ranks (one collective), and turn them into metrics; speed and
+/// FLOPs are over the `elapsed` time the steps took. The first step whose
+/// loss is not finite is an error.
+fn flush(
+    pending: &mut Vec<Pending>,
+    dist: &Dist,
+    batch: usize,
+    flops_per_step: f64,
+    peak: Option<f64>,
+    elapsed: Duration,
+) -> Result<Vec<Metrics>> {
+    if pending.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<Tensor> = pending.iter().map(|p| p.values.shallow_clone()).collect();
+    let host = Tensor::stack(&rows, 0).to_device(tch::Device::Cpu).to_kind(Kind::Double);
+    let values: Vec<f64> = Vec::<f64>::try_from(host.flatten(0, -1))?;
+    let mut losses: Vec<f64> = values.chunks_exact(4).flat_map(|v| [v[0], v[1], v[2]]).collect();
+    if dist.world > 1 {
+        let world = dist.world as f64;
+        losses = dist.sum(&losses)?.into_iter().map(|x| x / world).collect();
+    }
+    let n = pending.len() as f64;
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let images_per_sec = batch as f64 * n / secs;
+    let tflops = flops_per_step * n / secs / 1e12;
+    let mut out = Vec::with_capacity(pending.len());
+    for (i, p) in pending.drain(..).enumerate() {
+        let (loss, loss_v, loss_z) = (losses[3 * i], losses[3 * i + 1], losses[3 * i + 2]);
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged { step: p.step, loss });
+        }
+        out.push(Metrics {
+            step: p.step,
+            epoch: p.epoch,
+            loss,
+            loss_v,
+            loss_z,
+            lr: p.lr,
+            grad_norm: values[4 * i + 3],
+            images_per_sec,
+            tflops,
+            mfu: peak.map(|pk| tflops / (pk * dist.world as f64)),
+        });
+    }
+    Ok(out)
 }
 
 /// A digest of everything that must be equal on every data-parallel rank:
@@ -574,7 +719,10 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     };
     let Setup { device, mut device_line, autocast, source, manifest: m } = dist.agree("set-up", open_setup(cfg, opts, &dist))?;
     dist.check_same("the settings", &settings_digest(cfg, &m.store_id, opts.bf16))?;
-    tch::set_num_threads(opts.threads.max(1) as i32);
+    let (torch_threads, loader_threads) = thread_budget(opts.threads, device.is_cuda(), opts.loader_threads);
+    tch::set_num_threads(torch_threads as i32);
+    device_line.push_str(&format!(", {torch_threads} libtorch + {loader_threads} loader threads"));
+    let peak = opts.peak_tflops.or_else(|| if device.is_cuda() { gpu_model().and_then(|m| peak_tflops(&m, autocast)) } else { None });
     let grid = cfg.model.grid() as usize;
     let local = cfg.batch / dist.world;
     let rows = dist.rank * local..(dist.rank + 1) * local;
@@ -608,7 +756,7 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         batch: cfg.batch,
         rows: rows.clone(),
         seed: cfg.seed,
-        threads: opts.threads,
+        threads: loader_threads,
         prefetch: 2,
         image_size: cfg.model.image_size as u32,
         grid,
@@ -642,30 +790,108 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         device: device_line,
         checkpoint: None,
     };
-    let mut last = Instant::now();
-    for step in start..cfg.steps {
+    let flops_per_step = cfg.model.train_flops_per_image(cfg.num_masked as i64) * cfg.batch as f64;
+    let metrics_every = opts.metrics_every.max(1);
+    let next = |teacher: Option<&mut teacher::Teacher>| -> Result<DeviceBatch> {
         let batch = rx.recv().map_err(|_| TrainError::Loader("stopped unexpectedly".into()))??;
-        let targets = stepper.targets(&batch, teacher.as_mut())?;
-        let mut met = stepper.step(step, &batch, &targets, &mut opt)?;
+        stepper.upload(batch, teacher)
+    };
+    let mut upcoming = if start < cfg.steps { Some(next(teacher.as_mut())?) } else { None };
+    let mut pending = Vec::new();
+    let mut window = Instant::now();
+    for step in start..cfg.steps {
+        let Some(batch) = upcoming.take() else { break };
+        pending.push(stepper.step(step, &batch, &mut opt)?);
+        drop(batch);
+        if step + 1 < cfg.steps {
+            upcoming = Some(next(teacher.as_mut())?);
+        }
+        let checkpoint = (step + 1) % opts.checkpoint_every.max(1) == 0 || step + 1 == cfg.steps;
+        bar.inc(1);
+        if !(checkpoint || pending.len() as u64 >= metrics_every) {
+            continue;
+        }
         let now = Instant::now();
-        met.images_per_sec = cfg.batch as f64 / now.duration_since(last).as_secs_f64().max(1e-9);
-        last = now;
+        let done = flush(&mut pending, &dist, cfg.batch, flops_per_step, peak, now.duration_since(window))?;
+        window = now;
         if let Some((path, file)) = metrics_out.as_mut() {
-            let line = serde_json::to_string(&met).map_err(|source| TrainError::Json { path: path.clone(), source })?;
-            writeln!(file, "{line}").map_err(TrainError::io(&*path, "append metrics"))?;
-            if (step + 1) % opts.checkpoint_every.max(1) == 0 || step + 1 == cfg.steps {
+            for met in &done {
+                let line = serde_json::to_string(met).map_err(|source| TrainError::Json { path: path.clone(), source })?;
+                writeln!(file, "{line}").map_err(TrainError::io(&*path, "append metrics"))?;
+            }
+            if checkpoint {
                 file.sync_data().map_err(TrainError::io(&*path, "fsync metrics"))?;
                 summary.checkpoint = Some(save_checkpoint(&opts.out, &vs, &opt, step + 1, cfg.seed)?);
             }
         }
-        bar.set_message(format!("loss_v {:.4} loss_z {:.4} lr {:.2e} {:.1} img/s", met.loss_v, met.loss_z, met.lr, met.images_per_sec));
-        bar.inc(1);
-        summary.metrics.push(met);
+        if let Some(met) = done.last() {
+            let mfu = met.mfu.map(|u| format!(" MFU {:.1}%", 100.0 * u)).unwrap_or_default();
+            bar.set_message(format!(
+                "loss_v {:.4} loss_z {:.4} lr {:.2e} {:.1} img/s{mfu}",
+                met.loss_v, met.loss_z, met.lr, met.images_per_sec
+            ));
+        }
+        summary.metrics.extend(done);
         summary.steps = step + 1;
     }
     bar.finish_and_clear();
     summary.elapsed = t0.elapsed();
     Ok(summary)
+}
+
+/// What [`measure_loader`] measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoaderSpeed {
+    /// Images timed (after one warm-up batch).
+    pub images: u64,
+    /// Seconds they took.
+    pub seconds: f64,
+    /// Loader threads.
+    pub threads: usize,
+}
+
+impl LoaderSpeed {
+    /// Images per second.
+    pub fn images_per_sec(&self) -> f64 {
+        self.images as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// Stream `steps` batches of the run `cfg` describes through the loader
+/// alone (decode, view rebuild, targets, masks), with `threads` loader
+/// threads and no model: the most images per second this loader can feed a
+/// device, for telling a loader-bound run from a device-bound one.
+///
+/// # Errors
+/// Bad settings, an incompatible store, data errors.
+pub fn measure_loader(cfg: &TrainConfig, threads: usize, steps: u64) -> Result<LoaderSpeed> {
+    cfg.validate()?;
+    let grid = cfg.model.grid() as usize;
+    let source = Arc::new(DataSource::open(&cfg.store, &cfg.data, cfg.model.image_size as u32, cfg.train_views.map(|n| 0..n))?);
+    let masks = MaskGenerator::new(grid, grid, cfg.num_masked, cfg.masking);
+    let lc = LoaderConfig {
+        batch: cfg.batch,
+        rows: 0..cfg.batch,
+        seed: cfg.seed,
+        threads: threads.max(1),
+        prefetch: 2,
+        image_size: cfg.model.image_size as u32,
+        grid,
+        teacher_inputs: false,
+    };
+    let rx = source.stream(lc, masks, 0, steps.max(2));
+    let mut first = true;
+    let (mut images, mut t0) = (0u64, Instant::now());
+    for batch in rx {
+        let batch = batch?;
+        if first {
+            first = false;
+            t0 = Instant::now();
+        } else {
+            images += batch.samples.len() as u64;
+        }
+    }
+    Ok(LoaderSpeed { images, seconds: t0.elapsed().as_secs_f64(), threads: threads.max(1) })
 }
 
 /// A trained (or freshly initialised) student loaded for evaluation or export.
@@ -757,4 +983,28 @@ pub fn alignment(
         n += 1.0;
     }
     Ok((sv / n.max(1.0), sz / n.max(1.0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_budget_splits_without_oversubscribing_the_gpu_host() {
+        assert_eq!(thread_budget(16, true, None), (1, 15), "CUDA: the loader gets all but one");
+        assert_eq!(thread_budget(16, true, Some(8)), (8, 8));
+        assert_eq!(thread_budget(1, true, None), (1, 1));
+        assert_eq!(thread_budget(16, false, None), (16, 4), "CPU: libtorch computes, the loader refills");
+        assert_eq!(thread_budget(2, false, None), (2, 1));
+        assert_eq!(thread_budget(2, false, Some(3)), (2, 3));
+    }
+
+    #[test]
+    fn peaks_of_known_gpus() {
+        assert_eq!(peak_tflops("NVIDIA H100 80GB HBM3", true), Some(989.4));
+        assert_eq!(peak_tflops("NVIDIA H100 PCIe", true), Some(756.0));
+        assert_eq!(peak_tflops("NVIDIA H200", false), Some(66.9));
+        assert_eq!(peak_tflops("NVIDIA A100-SXM4-80GB", true), Some(312.0));
+        assert_eq!(peak_tflops("Tesla T4", true), None);
+    }
 }

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use shard_store::Codec;
 use target_extractor::{DEFAULT_BATCH, DEFAULT_IMAGES_PER_SHARD, DEFAULT_STUDENT_SIZE, DEFAULT_VIEWS, ExtractConfig, run_extract};
-use teacher::{ClipModel, TeacherSpec, models_dir};
+use teacher::{ClipModel, TeacherDevice, TeacherSpec, models_dir};
 
 use super::parse_range;
 
@@ -41,9 +41,26 @@ pub struct ExtractArgs {
     /// ONNX Runtime threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
-    /// Image decoding / augmentation threads [default: cores / 4, at least 1].
+    /// Image decoding / augmentation threads [default: all cores but one when
+    /// the teacher runs on a GPU, else cores / 4, at least 1].
     #[arg(long)]
     decode_threads: Option<usize>,
+    /// Where the teacher runs: auto (the GPU when this machine has an NVIDIA
+    /// driver and setup installed onnxruntime-gpu, else the CPU), cpu, cuda
+    /// or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Run the teacher with TensorRT (on the --device GPU; engines are built
+    /// once, in minutes, and cached in --tensorrt-cache).
+    #[arg(long)]
+    tensorrt: bool,
+    /// With --tensorrt: let TensorRT run layers in float16 (recorded as the
+    /// store's teacher precision; compare with `caev2 inspect compare`).
+    #[arg(long, requires = "tensorrt")]
+    teacher_fp16: bool,
+    /// With --tensorrt: engine cache folder [default: ~/.cache/caev2/tensorrt].
+    #[arg(long, requires = "tensorrt")]
+    tensorrt_cache: Option<PathBuf>,
     /// Target codec.
     #[arg(long, value_enum, default_value_t = Codec::F16)]
     codec: Codec,
@@ -110,6 +127,42 @@ fn parse_clip(s: &str) -> Result<ClipModel, String> {
     ClipModel::parse(s).ok_or_else(|| format!("{s:?}: expected base16 or large14"))
 }
 
+/// The teacher's device from `--device`, `--tensorrt` and friends. `auto`
+/// takes the GPU when there is an NVIDIA driver and the loaded ONNX Runtime
+/// has the CUDA provider, and otherwise says why it stays on the CPU.
+fn teacher_device(a: &ExtractArgs) -> Result<(TeacherDevice, Option<String>)> {
+    let gpu = match a.device.as_str() {
+        "cpu" if a.tensorrt => bail!("--tensorrt needs a GPU: use --device cuda or auto"),
+        "cpu" => return Ok((TeacherDevice::Cpu, None)),
+        "auto" => {
+            let why = if !teacher::nvidia_driver_present() {
+                Some("no NVIDIA driver".to_string())
+            } else {
+                (!teacher::cuda_provider_available()?)
+                    .then(|| format!("{} has no CUDA provider (run scripts/setup.sh here)", teacher::ort_library().display()))
+            };
+            match why {
+                Some(why) if a.tensorrt => bail!("--tensorrt needs a GPU: {why}"),
+                Some(why) => return Ok((TeacherDevice::Cpu, Some(format!("auto: {why}")))),
+                None => 0,
+            }
+        }
+        "cuda" => 0,
+        d => match d.strip_prefix("cuda:").and_then(|n| n.parse::<i32>().ok()).filter(|&n| n >= 0) {
+            Some(n) => n,
+            None => bail!("--device {d}: expected auto, cpu, cuda or cuda:N"),
+        },
+    };
+    if !a.tensorrt {
+        return Ok((TeacherDevice::Cuda { device: gpu }, None));
+    }
+    let cache = match &a.tensorrt_cache {
+        Some(c) => c.clone(),
+        None => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir).join(".cache/caev2/tensorrt"),
+    };
+    Ok((TeacherDevice::TensorRt { device: gpu, fp16: a.teacher_fp16, cache }, None))
+}
+
 /// Run `caev2 extract`.
 pub fn run(a: ExtractArgs) -> Result<ExitCode> {
     let models = a.models.clone().unwrap_or_else(models_dir);
@@ -125,12 +178,19 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
     spec.has_cls = a.teacher_has_cls;
     spec.output = a.teacher_output.clone();
     spec.name = a.teacher_name.clone();
+    let (device, why) = teacher_device(&a)?;
+    let teacher_line = format!("teacher on {}{}", device.describe(), why.map(|w| format!(" ({w})")).unwrap_or_default());
+    if super::progress(a.no_progress) {
+        eprintln!("extract: {teacher_line}");
+    }
+    spec.device = device;
+    let on_gpu = spec.device != TeacherDevice::Cpu;
     let defaults = ExtractConfig::new(a.data.clone(), a.out.clone(), spec);
     let cfg = ExtractConfig {
         views: a.views,
         batch: a.batch,
         threads: a.threads.unwrap_or(defaults.threads),
-        decode_threads: a.decode_threads.unwrap_or(defaults.decode_threads),
+        decode_threads: a.decode_threads.unwrap_or(if on_gpu { super::cores().saturating_sub(1).max(1) } else { defaults.decode_threads }),
         codec: a.codec,
         seed: a.seed,
         student_size: a.student_size,
@@ -152,12 +212,12 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
             "shards_busy": s.shards_busy, "shards_other_workers": s.shards_other_workers,
             "views_stored": s.views_stored, "skipped": s.skipped, "bytes_written": s.bytes_written,
             "seconds": secs, "views_per_second": s.views_stored as f64 / secs.max(1e-9),
-            "store_complete": s.store_complete,
+            "store_complete": s.store_complete, "teacher_device": teacher_line,
         });
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {
         println!(
-            "extract: {} views of {} images written in {:.1} s ({:.2} views/s), {:.1} MB",
+            "extract: {} views of {} images written in {:.1} s ({:.2} views/s), {:.1} MB; {teacher_line}",
             s.views_stored,
             s.images,
             secs,

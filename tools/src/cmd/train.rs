@@ -85,10 +85,25 @@ pub struct TrainArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// libtorch and loader threads [default: all cores, shared among the
-    /// ranks of the node under torchrun (LOCAL_WORLD_SIZE)].
+    /// Threads of this process [default: all cores, shared among the ranks
+    /// of the node under torchrun (LOCAL_WORLD_SIZE)]. On CUDA libtorch gets
+    /// one and the loader the rest; on the CPU libtorch gets all of them and
+    /// the loader a quarter (it works only while refilling its prefetch).
     #[arg(long)]
     threads: Option<usize>,
+    /// Loader threads, instead of the split of --threads.
+    #[arg(long)]
+    loader_threads: Option<usize>,
+    /// Read the losses back from the device every N steps: one host sync per
+    /// N steps instead of several per step. metrics.jsonl still has a line
+    /// per step; images/s, TFLOP/s and MFU are over each group of N.
+    #[arg(long, default_value_t = trainer::DEFAULT_METRICS_EVERY)]
+    metrics_every: u64,
+    /// Peak TFLOP/s of one device at the run's precision, for the MFU in
+    /// metrics.jsonl [default: looked up for H100, H200 and A100 GPUs; none
+    /// on the CPU].
+    #[arg(long)]
+    peak_tflops: Option<f64>,
     /// Data-parallel runs (under torchrun or srun): seconds a rank waits for
     /// the rendezvous or any collective before it gives up with an error.
     #[arg(long, default_value_t = trainer::DEFAULT_DIST_TIMEOUT.as_secs())]
@@ -120,6 +135,12 @@ pub struct TrainArgs {
     /// On CUDA, train in fp32 instead of bfloat16 autocast.
     #[arg(long)]
     fp32: bool,
+    /// Measure the loader alone instead of training: stream the run's
+    /// batches (decode, view rebuild, targets, masks) with all --threads and
+    /// no model, and print images/s. Compare with a training run's images/s
+    /// to see whether the loader or the device is the bound.
+    #[arg(long)]
+    loader_only: bool,
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
@@ -166,6 +187,9 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         out: a.out.clone(),
         device: a.device.clone(),
         threads: a.threads.unwrap_or_else(|| (super::cores() / ranks_here.filter(|_| launch.is_some()).unwrap_or(1)).max(1)),
+        loader_threads: a.loader_threads,
+        metrics_every: a.metrics_every,
+        peak_tflops: a.peak_tflops,
         checkpoint_every: a.checkpoint_every,
         resume: a.resume,
         progress: super::progress(a.no_progress),
@@ -173,6 +197,23 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         launch,
         dist_timeout: std::time::Duration::from_secs(a.dist_timeout.max(1)),
     };
+    if a.loader_only {
+        let l = trainer::measure_loader(&cfg, opts.threads, cfg.steps).context("measuring the loader")?;
+        if a.json {
+            let j = serde_json::json!({"loader": l, "images_per_second": l.images_per_sec()});
+            println!("{}", serde_json::to_string_pretty(&j)?);
+        } else {
+            println!(
+                "loader: {} images in {:.2} s = {:.1} images/s with {} threads ({:.1} per thread)",
+                l.images,
+                l.seconds,
+                l.images_per_sec(),
+                l.threads,
+                l.images_per_sec() / l.threads as f64
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let s = trainer::run_train(&cfg, &opts).with_context(|| format!("training into {}", a.out.display()))?;
     if !main_rank {
         // rank 0 prints the summary, writes the run folder and evaluates
