@@ -85,26 +85,33 @@ fn map_pixels<const GRAY: bool, const WRITE: bool, const FLIP: bool>(
     sat: Option<&[[u8; 256]; 256]>,
     post: Option<&[u8; 256]>,
 ) -> u64 {
+    // A scalar loop (table lookups do not vectorise): the gray sum is a u64
+    // as cheap as a u32 here. Iterators over the pixels and over the output
+    // positions (every `stride` bytes) keep bounds checks out of the loop.
     macro_rules! body {
         ($pre:expr, $sat:expr, $post:expr) => {{
-            let n = src.len() / 3;
             let mut total = 0u64;
-            for run in (0..n).collect_runs() {
-                let mut sum = 0u32;
-                for i in run {
-                    let s = if FLIP { n - 1 - i } else { i };
-                    let mut q = [src[3 * s], src[3 * s + 1], src[3 * s + 2]];
-                    q = $pre(q);
-                    q = $sat(q);
-                    q = $post(q);
-                    if GRAY {
-                        sum += u32::from(to_grayscale(q));
-                    }
+            macro_rules! each {
+                ($pixels:expr) => {
                     if WRITE {
-                        dst[stride * i..stride * i + 3].copy_from_slice(&q);
+                        for (p, d) in $pixels.zip(dst.chunks_mut(stride)) {
+                            let q = $post($sat($pre([p[0], p[1], p[2]])));
+                            if GRAY {
+                                total += u64::from(to_grayscale(q));
+                            }
+                            d[..3].copy_from_slice(&q);
+                        }
+                    } else {
+                        for p in $pixels {
+                            total += u64::from(to_grayscale($post($sat($pre([p[0], p[1], p[2]])))));
+                        }
                     }
-                }
-                total += u64::from(sum);
+                };
+            }
+            if FLIP {
+                each!(src.chunks_exact(3).rev())
+            } else {
+                each!(src.chunks_exact(3))
             }
             total
         }};
@@ -131,18 +138,6 @@ fn map3(t: &[u8; 256], q: [u8; 3]) -> [u8; 3] {
 fn blend3(t: &[[u8; 256]; 256], q: [u8; 3]) -> [u8; 3] {
     let row = &t[usize::from(to_grayscale(q))];
     q.map(|v| row[usize::from(v)])
-}
-
-/// Runs of at most 2^16 pixels, whose gray levels sum in a `u32`.
-trait CollectRuns {
-    fn collect_runs(self) -> impl Iterator<Item = std::ops::Range<usize>>;
-}
-
-impl CollectRuns for std::ops::Range<usize> {
-    fn collect_runs(self) -> impl Iterator<Item = std::ops::Range<usize>> {
-        let end = self.end;
-        (self.start..end).step_by(1 << 16).map(move |a| a..(a + (1 << 16)).min(end))
-    }
 }
 
 /// Sum of the gray levels of RGB pixels.
@@ -283,12 +278,14 @@ pub fn render_view(img: &RgbImage, params: &ViewParams, size: u32) -> RgbImage {
 pub fn normalize_chw(img: &RgbImage, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) {
     let plane = (img.width() * img.height()) as usize;
     assert_eq!(out.len(), 3 * plane, "output buffer must hold 3 x H x W floats");
+    // the same f32 arithmetic, done once per value and channel
+    let table: [[f32; 256]; 3] = std::array::from_fn(|c| std::array::from_fn(|v| (v as f32 / 255.0 - mean[c]) / std[c]));
     let (r, rest) = out.split_at_mut(plane);
     let (g, b) = rest.split_at_mut(plane);
-    for (i, p) in img.as_raw().chunks_exact(3).enumerate() {
-        r[i] = (f32::from(p[0]) / 255.0 - mean[0]) / std[0];
-        g[i] = (f32::from(p[1]) / 255.0 - mean[1]) / std[1];
-        b[i] = (f32::from(p[2]) / 255.0 - mean[2]) / std[2];
+    for (((p, r), g), b) in img.as_raw().chunks_exact(3).zip(r).zip(g).zip(b) {
+        *r = table[0][usize::from(p[0])];
+        *g = table[1][usize::from(p[1])];
+        *b = table[2][usize::from(p[2])];
     }
 }
 
