@@ -241,7 +241,16 @@ fn huge_or_odd_arguments_are_refused_before_anything_is_written() {
         assert!(e.contains(&format!("--batch {batch}")), "{e}");
         assert!(!run_dir.exists());
     }
-    for (flag, value) in [("--lr", "-1"), ("--lr", "NaN"), ("--drop-path", "1.5"), ("--beta2", "1"), ("--threads", "100000")] {
+    for (flag, value) in [
+        ("--lr", "-1"),
+        ("--lr", "NaN"),
+        ("--drop-path", "1.5"),
+        ("--beta2", "1"),
+        ("--threads", "100000"),
+        ("--loader-threads", "0"),
+        ("--peak-tflops", "-5"),
+        ("--peak-tflops", "inf"),
+    ] {
         let arg = format!("{flag}={value}");
         let e =
             failed(&run(&["train", "--shards", s(&out), "--data", s(&data), "--out", s(&run_dir), "--batch", "1", "--steps", "1", &arg]));

@@ -669,6 +669,12 @@ fn open_setup(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<Setup
     if !(1..=MAX_THREADS).contains(&opts.threads) {
         return Err(TrainError::setting("--threads", opts.threads, format!("must be between 1 and {MAX_THREADS}")));
     }
+    if let Some(l) = opts.loader_threads.filter(|l| !(1..=MAX_THREADS).contains(l)) {
+        return Err(TrainError::setting("--loader-threads", l, format!("must be between 1 and {MAX_THREADS}")));
+    }
+    if let Some(p) = opts.peak_tflops.filter(|p| !(p.is_finite() && *p > 0.0)) {
+        return Err(TrainError::setting("--peak-tflops", p, "must be a positive number of TFLOP/s"));
+    }
     if !cfg.batch.is_multiple_of(dist.world) {
         return Err(TrainError::setting(
             "--batch",
