@@ -26,7 +26,7 @@ fn main() {
     let mut acc = 0u32;
     for _ in 0..n {
         buf.clear();
-        Codec::F16.encode(std::hint::black_box(&values), &mut buf);
+        Codec::F16.encode(std::hint::black_box(&values), dim as usize, &mut buf);
         acc ^= crc32c::crc32c(&buf);
     }
     std::hint::black_box(acc);

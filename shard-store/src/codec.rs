@@ -17,17 +17,22 @@ pub enum Codec {
     /// IEEE-754 binary16, little-endian, round-to-nearest-even from `f32`.
     /// Relative error below 2^-11 per value; the default.
     F16,
+    /// Per token: an `f32` scale `max |x| / 127`, then one signed byte per
+    /// value, `round_ties_even(x / scale)`. Half the bytes of f16; token
+    /// cosine to f32 above 0.9999 on real teachers (BENCHMARKS.md).
+    Int8,
 }
 
 impl Codec {
     /// All codecs this build knows.
-    pub const ALL: [Codec; 2] = [Codec::F32, Codec::F16];
+    pub const ALL: [Codec; 3] = [Codec::F32, Codec::F16, Codec::Int8];
 
     /// The id stored in shard headers.
     pub fn id(self) -> u32 {
         match self {
             Codec::F32 => 0,
             Codec::F16 => 1,
+            Codec::Int8 => 2,
         }
     }
 
@@ -41,6 +46,7 @@ impl Codec {
         match self {
             Codec::F32 => "f32",
             Codec::F16 => "f16",
+            Codec::Int8 => "int8",
         }
     }
 
@@ -49,16 +55,31 @@ impl Codec {
         Self::ALL.into_iter().find(|c| c.name() == name)
     }
 
-    /// Encoded size of one view's targets.
-    pub fn encoded_len(self, values: usize) -> usize {
+    /// Encoded size of one view's targets: `tokens x dim` values.
+    pub fn encoded_len(self, tokens: usize, dim: usize) -> usize {
         match self {
-            Codec::F32 => values * 4,
-            Codec::F16 => values * 2,
+            Codec::F32 => tokens * dim * 4,
+            Codec::F16 => tokens * dim * 2,
+            Codec::Int8 => tokens * (4 + dim),
         }
     }
 
-    /// Append the encoding of `values` to `out`.
-    pub fn encode(self, values: &[f32], out: &mut Vec<u8>) {
+    /// [`Codec::encoded_len`] without overflow (`None` when it does not fit
+    /// a `u64`), for sizes read from untrusted headers.
+    pub fn encoded_len_checked(self, tokens: u64, dim: u64) -> Option<u64> {
+        match self {
+            Codec::F32 => tokens.checked_mul(dim)?.checked_mul(4),
+            Codec::F16 => tokens.checked_mul(dim)?.checked_mul(2),
+            Codec::Int8 => tokens.checked_mul(dim.checked_add(4)?),
+        }
+    }
+
+    /// Append the encoding of `values` (tokens of `dim` values each) to `out`.
+    ///
+    /// # Panics
+    /// If `dim` is zero or does not divide `values.len()`.
+    pub fn encode(self, values: &[f32], dim: usize, out: &mut Vec<u8>) {
+        assert!(dim > 0 && values.len().is_multiple_of(dim), "values must be whole tokens of dim {dim}");
         match self {
             Codec::F32 => {
                 for v in values {
@@ -77,13 +98,26 @@ impl Codec {
                     o.copy_from_slice(&h.to_le_bytes());
                 }
             }
+            Codec::Int8 => {
+                for token in values.chunks_exact(dim) {
+                    let max = token.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let scale = max / 127.0;
+                    out.extend_from_slice(&scale.to_le_bytes());
+                    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                    // round_ties_even, without a libm call per value: adding
+                    // and removing 1.5 * 2^23 rounds |y| <= 127 to an integer,
+                    // ties to even, in IEEE arithmetic
+                    const MAGIC: f32 = 12_582_912.0;
+                    out.extend(token.iter().map(|v| ((((v * inv).clamp(-127.0, 127.0) + MAGIC) - MAGIC) as i8) as u8));
+                }
+            }
         }
     }
 
-    /// Decode `bytes` (exactly [`Codec::encoded_len`] of `out.len()`) into
-    /// `out`. Returns `false` when the length is wrong.
-    pub fn decode(self, bytes: &[u8], out: &mut [f32]) -> bool {
-        if bytes.len() != self.encoded_len(out.len()) {
+    /// Decode `bytes` (exactly [`Codec::encoded_len`] of `out`'s tokens of
+    /// `dim` values) into `out`. Returns `false` when the length is wrong.
+    pub fn decode(self, bytes: &[u8], dim: usize, out: &mut [f32]) -> bool {
+        if dim == 0 || !out.len().is_multiple_of(dim) || bytes.len() != self.encoded_len(out.len() / dim, dim) {
             return false;
         }
         match self {
@@ -105,6 +139,14 @@ impl Codec {
                     }
                 }
             },
+            Codec::Int8 => {
+                for (o, rec) in out.chunks_exact_mut(dim).zip(bytes.chunks_exact(4 + dim)) {
+                    let scale = f32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]);
+                    for (x, &q) in o.iter_mut().zip(&rec[4..]) {
+                        *x = f32::from(q as i8) * scale;
+                    }
+                }
+            }
         }
         true
     }
@@ -135,27 +177,66 @@ mod tests {
             }
         }
         let mut bulk = Vec::new();
-        Codec::F16.encode(&xs, &mut bulk);
+        Codec::F16.encode(&xs, 1, &mut bulk);
         let scalar: Vec<u8> = xs.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
         assert_eq!(bulk, scalar);
         let mut back = vec![0.0f32; xs.len()];
-        assert!(Codec::F16.decode(&bulk, &mut back));
+        assert!(Codec::F16.decode(&bulk, 1, &mut back));
         let one_by_one: Vec<f32> = scalar.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
         assert!(back.iter().zip(&one_by_one).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())));
+    }
+
+    /// int8, byte by byte as FORMAT.md describes it: the scale, then the
+    /// rounded values (ties to even); an all-zero token has scale 0.
+    #[test]
+    fn int8_bytes_as_documented() {
+        let mut out = Vec::new();
+        Codec::Int8.encode(&[127.0, -63.5, 0.5, 1.5, 0.0, 0.0, 0.0, 0.0], 4, &mut out);
+        assert_eq!(&out[..4], &1f32.to_le_bytes());
+        let q: Vec<i8> = out[4..8].iter().map(|&b| b as i8).collect();
+        assert_eq!(q, [127, -64, 0, 2], "-63.5 rounds to -64, 0.5 to 0, 1.5 to 2");
+        assert_eq!(&out[8..12], &0f32.to_le_bytes());
+        assert_eq!(&out[12..], &[0, 0, 0, 0]);
+        let mut back = [9.0f32; 8];
+        assert!(Codec::Int8.decode(&out, 4, &mut back));
+        assert_eq!(back[4..], [0.0; 4]);
+    }
+
+    /// The rounding trick of the int8 encoder equals `round_ties_even` on
+    /// every f32 in [-127, 127] of a fine grid, halves included.
+    #[test]
+    fn int8_rounding_is_ties_to_even() {
+        for i in -254_000..=254_000 {
+            let y = i as f32 / 2000.0;
+            let mut out = Vec::new();
+            Codec::Int8.encode(&[127.0, y], 2, &mut out);
+            assert_eq!(out[5] as i8, y.round_ties_even() as i8, "{y}");
+        }
     }
 
     #[test]
     fn round_trip() {
         let xs: Vec<f32> = (0..1000).map(|i| ((i as f32) * 0.37).sin() * 3.0).collect();
+        let dim = 50;
         for c in Codec::ALL {
             let mut bytes = Vec::new();
-            c.encode(&xs, &mut bytes);
-            assert_eq!(bytes.len(), c.encoded_len(xs.len()));
+            c.encode(&xs, dim, &mut bytes);
+            assert_eq!(bytes.len(), c.encoded_len(xs.len() / dim, dim));
+            assert_eq!(Some(bytes.len() as u64), c.encoded_len_checked((xs.len() / dim) as u64, dim as u64));
             let mut back = vec![0.0; xs.len()];
-            assert!(c.decode(&bytes, &mut back));
-            for (a, b) in xs.iter().zip(&back) {
-                let tol = if c == Codec::F32 { 0.0 } else { a.abs() * 1e-3 + 1e-4 };
-                assert!((a - b).abs() <= tol, "{c}: {a} vs {b}");
+            assert!(c.decode(&bytes, dim, &mut back));
+            assert!(!c.decode(&bytes[1..], dim, &mut back), "{c}: a short record is refused");
+            for (token, rec) in xs.chunks(dim).zip(back.chunks(dim)) {
+                let max = token.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (a, b) in token.iter().zip(rec) {
+                    let tol = match c {
+                        Codec::F32 => 0.0,
+                        Codec::F16 => a.abs() * 1e-3 + 1e-4,
+                        // half a quantisation step of the token's scale
+                        _ => max / 127.0 * 0.5 * 1.0001,
+                    };
+                    assert!((a - b).abs() <= tol, "{c}: {a} vs {b}");
+                }
             }
             assert_eq!(Codec::from_id(c.id()), Some(c));
             assert_eq!(Codec::parse(c.name()), Some(c));
@@ -165,6 +246,6 @@ mod tests {
     #[test]
     fn wrong_length_is_refused() {
         let mut out = vec![0.0; 3];
-        assert!(!Codec::F16.decode(&[0; 5], &mut out));
+        assert!(!Codec::F16.decode(&[0; 5], 1, &mut out));
     }
 }

@@ -15,6 +15,7 @@
 //!   atomically.
 //! * Reading: [`Store`] maps shards lazily and gives [`TargetsRef`]s by
 //!   `(image, view)` in O(1) or streams all views in storage order.
+//! * [`recode`] writes a store again with another codec, without the teacher.
 //! * [`resample_grid`] maps targets between token grids (teacher 16x16 to
 //!   student 14x14, say).
 
@@ -23,6 +24,7 @@ mod error;
 mod grid;
 mod index;
 mod manifest;
+mod recode;
 mod shard;
 mod store;
 
@@ -33,5 +35,6 @@ pub use index::{IndexRow, decode_index, encode_index, read_index, schema as inde
 pub use manifest::{
     DatasetInfo, FORMAT_VERSION, Layout, MANIFEST_FILE, Manifest, OLDEST_SUPPORTED_VERSION, TeacherInfo, ViewsInfo, canonical_json,
 };
+pub use recode::{Recoded, recode};
 pub use shard::{Entry, FOOTER_LEN, HEADER_LEN, RECORD_ALIGN, ShardHeader, ShardReader, ShardWriter};
 pub use store::{ShardClaim, ShardReport, Skipped, Store, StorePaths, StoreWriter, TargetsRef, check_local, write_file_atomic};

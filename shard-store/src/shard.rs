@@ -54,14 +54,13 @@ impl ShardHeader {
 
     /// Encoded bytes of one record.
     pub fn record_len(&self) -> usize {
-        self.codec.encoded_len(self.tokens as usize * self.dim as usize)
+        self.codec.encoded_len(self.tokens as usize, self.dim as usize)
     }
 
     /// Encoded bytes of one record when that fits a `u32` record length
     /// (`None` for a damaged header claiming more).
     fn record_len_u32(&self) -> Option<u32> {
-        let values = u64::from(self.tokens) * u64::from(self.dim);
-        let bytes = values.checked_mul(self.codec.encoded_len(1) as u64)?;
+        let bytes = self.codec.encoded_len_checked(u64::from(self.tokens), u64::from(self.dim))?;
         u32::try_from(bytes).ok().filter(|&b| b > 0)
     }
 
@@ -193,7 +192,7 @@ impl ShardWriter {
         let pad = (aligned - self.pos) as usize;
         self.scratch.clear();
         self.scratch.resize(pad, 0);
-        self.header.codec.encode(values, &mut self.scratch);
+        self.header.codec.encode(values, self.header.dim as usize, &mut self.scratch);
         let payload = &self.scratch[pad..];
         let e = Entry { offset: aligned, length: payload.len() as u32, crc: crc32c::crc32c(payload) };
         self.out.write_all(&self.scratch).map_err(io(&self.final_path, "write shard record"))?;
@@ -422,7 +421,7 @@ mod tests {
         assert!(r.record(2).is_none(), "slot 2 was never written");
         let rec = r.record(3).expect("slot 3");
         let mut out = [0f32; 15];
-        assert!(Codec::F32.decode(rec, &mut out));
+        assert!(Codec::F32.decode(rec, header().dim as usize, &mut out));
         assert_eq!(out[4], 304.0);
         assert!(r.verify_records().is_empty());
         assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 1, "no temporary file left");

@@ -318,7 +318,7 @@ impl TargetsRef<'_> {
     /// If `out` has the wrong length.
     pub fn decode_into(&self, out: &mut [f32]) {
         assert_eq!(out.len(), self.tokens * self.dim, "output buffer must hold tokens x dim floats");
-        let ok = self.codec.decode(self.bytes, out);
+        let ok = self.codec.decode(self.bytes, self.dim, out);
         debug_assert!(ok, "record length verified at open");
     }
 

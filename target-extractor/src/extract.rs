@@ -438,8 +438,9 @@ pub fn run_extract(cfg: &ExtractConfig) -> Result<ExtractSummary> {
     let mut teacher = Teacher::load(&cfg.teacher, cfg.threads)?;
     let teacher_load = load_start.elapsed();
     let manifest = build_manifest(cfg, &teacher, &ds);
-    let shard_bytes =
-        u64::from(cfg.images_per_shard) * u64::from(cfg.views) * manifest.codec.encoded_len(manifest.values_per_view()) as u64;
+    let shard_bytes = u64::from(cfg.images_per_shard)
+        * u64::from(cfg.views)
+        * manifest.codec.encoded_len(manifest.teacher.tokens as usize, manifest.teacher.dim as usize) as u64;
     if shard_bytes > MAX_SHARD_BYTES {
         return Err(ExtractError::Setting {
             flag: "--images-per-shard",
@@ -447,7 +448,7 @@ pub fn run_extract(cfg: &ExtractConfig) -> Result<ExtractSummary> {
             expected: format!(
                 "with --views {} and {} bytes per view this makes {:.1} GB shards (at most {} GB); lower it",
                 cfg.views,
-                manifest.codec.encoded_len(manifest.values_per_view()),
+                manifest.codec.encoded_len(manifest.teacher.tokens as usize, manifest.teacher.dim as usize),
                 shard_bytes as f64 / 1e9,
                 MAX_SHARD_BYTES / 1_000_000_000
             ),

@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use caev2_views::ViewSampler;
@@ -221,7 +222,7 @@ fn verify_shard(store: &Store, s: u32) -> ShardCheck {
             problems.push(p(Some(e.offset), format!("image {} view {}: index and shard table disagree", row.image_id, row.view)));
         }
         if let Some(bytes) = reader.record(slot)
-            && m.codec.decode(bytes, &mut values)
+            && m.codec.decode(bytes, m.teacher.dim as usize, &mut values)
             && values.iter().any(|x| !x.is_finite())
         {
             problems.push(p(Some(e.offset), format!("image {} view {}: non-finite target values", row.image_id, row.view)));
@@ -540,6 +541,18 @@ pub struct Comparison {
     pub bytes_per_view_a: f64,
     /// Bytes per view of store B.
     pub bytes_per_view_b: f64,
+    /// Codec of store A.
+    pub codec_a: String,
+    /// Codec of store B.
+    pub codec_b: String,
+    /// 1st percentile of the token cosines.
+    pub p1_cosine: f64,
+    /// Views decoded per second from store A (one core, records in memory).
+    pub decode_views_per_sec_a: f64,
+    /// Views decoded per second from store B.
+    pub decode_views_per_sec_b: f64,
+    /// Views encoded per second with B's codec (one core).
+    pub encode_views_per_sec_b: f64,
 }
 
 /// Compare two stores of the same images and views (e.g. two codecs).
@@ -561,30 +574,51 @@ pub fn compare(a: &Path, b: &Path) -> Result<Comparison> {
         anyhow::bail!("the stores' views differ (seed, K or settings)");
     }
     let d = ma.teacher.dim as usize;
-    let (mut n, mut sum, mut min, mut max_err, mut views) = (0u64, 0f64, f64::MAX, 0f64, 0u64);
+    let (mut sum, mut max_err, mut views) = (0f64, 0f64, 0u64);
+    let mut cosines = Vec::new();
+    let (mut decode_a, mut decode_b, mut encode_b) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let mut x = vec![0f32; ma.values_per_view()];
+    let mut y = vec![0f32; mb.values_per_view()];
+    let mut scratch = Vec::new();
     for row in sa.index()? {
-        let (Some(x), Some(y)) = (sa.targets(row.image_id, row.view)?, sb.targets(row.image_id, row.view)?) else { continue };
-        let (x, y) = (x.to_vec(), y.to_vec());
+        let (Some(ra), Some(rb)) = (sa.targets(row.image_id, row.view)?, sb.targets(row.image_id, row.view)?) else { continue };
+        let t = Instant::now();
+        ra.decode_into(&mut x);
+        decode_a += t.elapsed();
+        let t = Instant::now();
+        rb.decode_into(&mut y);
+        decode_b += t.elapsed();
+        let t = Instant::now();
+        scratch.clear();
+        mb.codec.encode(std::hint::black_box(&x), d, &mut scratch);
+        encode_b += t.elapsed();
         views += 1;
         for (p, q) in x.chunks(d).zip(y.chunks(d)) {
             let c = cos(p, q);
             sum += c;
-            min = min.min(c);
-            n += 1;
+            cosines.push(c);
             let (np, nq) = (p.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12), q.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12));
             for (u, v) in p.iter().zip(q) {
                 max_err = max_err.max(f64::from((u / np - v / nq).abs()));
             }
         }
     }
+    cosines.sort_by(f64::total_cmp);
     let bpv = |root: &Path| -> Result<f64> { Ok(summary(root)?.bytes_per_view) };
+    let rate = |t: Duration| views as f64 / t.as_secs_f64().max(1e-9);
     Ok(Comparison {
         views,
-        mean_cosine: sum / n.max(1) as f64,
-        min_cosine: min,
+        mean_cosine: sum / cosines.len().max(1) as f64,
+        min_cosine: cosines.first().copied().unwrap_or(f64::NAN),
         max_abs_error: max_err,
         bytes_per_view_a: bpv(a)?,
         bytes_per_view_b: bpv(b)?,
+        codec_a: ma.codec.name().into(),
+        codec_b: mb.codec.name().into(),
+        p1_cosine: cosines.get(cosines.len() / 100).copied().unwrap_or(f64::NAN),
+        decode_views_per_sec_a: rate(decode_a),
+        decode_views_per_sec_b: rate(decode_b),
+        encode_views_per_sec_b: rate(encode_b),
     })
 }
 

@@ -1,10 +1,10 @@
-//! `caev2 inspect summary | verify | show | render | compare`.
+//! `caev2 inspect summary | verify | show | render | compare | recode`.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Subcommand;
 
 #[derive(Subcommand)]
@@ -64,13 +64,30 @@ pub enum InspectCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Two stores of the same images and views (e.g. two codecs): mean/min
-    /// token cosine, max error, bytes per view of each.
+    /// Two stores of the same images and views (e.g. two codecs): mean, 1st
+    /// percentile and min token cosine, max error, bytes per view of each,
+    /// and decode (and B's encode) speed on one core.
     Compare {
-        /// First store.
+        /// First store (the reference, e.g. f32).
         a: PathBuf,
         /// Second store.
         b: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a complete store again with another codec, without the teacher:
+    /// same views and index, new records. Resumable like extract; verify the
+    /// result with `inspect verify` and its fidelity with `inspect compare`.
+    Recode {
+        /// Source store (complete).
+        src: PathBuf,
+        /// Destination folder (new, or a killed recode of the same source
+        /// and codec to finish).
+        dst: PathBuf,
+        /// Codec of the destination.
+        #[arg(long, value_enum)]
+        codec: shard_store::Codec,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -113,8 +130,45 @@ pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&c)?);
             } else {
                 println!(
-                    "compare: {} views; token cosine mean {:.6} min {:.6}; max abs error {:.2e} (unit tokens); bytes/view {:.0} vs {:.0}",
-                    c.views, c.mean_cosine, c.min_cosine, c.max_abs_error, c.bytes_per_view_a, c.bytes_per_view_b
+                    "compare: {} views, {} vs {}; token cosine mean {:.6} p1 {:.6} min {:.6}; max abs error {:.2e} (unit tokens)",
+                    c.views, c.codec_a, c.codec_b, c.mean_cosine, c.p1_cosine, c.min_cosine, c.max_abs_error
+                );
+                println!(
+                    "bytes/view {:.0} vs {:.0} ({:.2}x smaller); decode {:.0} vs {:.0} views/s, encode {} {:.0} views/s (one core)",
+                    c.bytes_per_view_a,
+                    c.bytes_per_view_b,
+                    c.bytes_per_view_a / c.bytes_per_view_b.max(1.0),
+                    c.decode_views_per_sec_a,
+                    c.decode_views_per_sec_b,
+                    c.codec_b,
+                    c.encode_views_per_sec_b
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        InspectCommand::Recode { src, dst, codec, json } => {
+            let source = shard_store::Store::open(&src)?;
+            let total = source.manifest().layout.num_shards;
+            let bar = indicatif::ProgressBar::new(u64::from(total));
+            if !super::progress(json) {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            let t = std::time::Instant::now();
+            let r = shard_store::recode(&source, &dst, codec, |_| bar.inc(1))
+                .with_context(|| format!("recoding {} into {}", src.display(), dst.display()))?;
+            bar.finish_and_clear();
+            let secs = t.elapsed().as_secs_f64();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"recoded": r, "seconds": secs}))?);
+            } else {
+                println!(
+                    "recode: {} views in {} shards written in {:.1} s ({:.0} views/s), {:.1} MB; {} shards were already done",
+                    r.views,
+                    r.shards_written,
+                    secs,
+                    r.views as f64 / secs.max(1e-9),
+                    r.bytes as f64 / 1e6,
+                    r.shards_already_done
                 );
             }
             Ok(ExitCode::SUCCESS)
