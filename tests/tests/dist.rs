@@ -197,13 +197,16 @@ fn two_ranks_of_half_the_batch_train_what_one_rank_of_the_whole_trains() {
 fn mismatched_settings_are_refused() {
     let tmp = tempfile::tempdir().expect("tmp");
     let out = tmp.path().join("run");
-    let (o0, o1) = two_ranks(&args(&out, 2, &[]), &args(&out, 2, &["--seed", "1"]));
-    for (rank, o) in [(0, &o0), (1, &o1)] {
-        let e = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success(), "rank {rank} must refuse");
-        assert!(e.contains("the settings of rank(s) 1 differ from rank 0's"), "rank {rank}: {e}");
+    // the seed, and the steps at which ranks read losses back together
+    for other in [&["--seed", "1"][..], &["--metrics-every", "3"][..]] {
+        let (o0, o1) = two_ranks(&args(&out, 2, &[]), &args(&out, 2, other));
+        for (rank, o) in [(0, &o0), (1, &o1)] {
+            let e = String::from_utf8_lossy(&o.stderr);
+            assert!(!o.status.success(), "rank {rank} must refuse {other:?}");
+            assert!(e.contains("the settings of rank(s) 1 differ from rank 0's"), "rank {rank}: {e}");
+        }
+        assert!(!out.join("metrics.jsonl").exists(), "no step was taken");
     }
-    assert!(!out.join("metrics.jsonl").exists(), "no step was taken");
 
     let mut a = args(&out, 2, &[]);
     let b = a.iter().position(|x| x == "--batch").expect("--batch") + 1;

@@ -639,8 +639,10 @@ fn flush(
 
 /// A digest of everything that must be equal on every data-parallel rank:
 /// the configuration (but not the store's and images' paths, which may
-/// differ between nodes), the store's identity, the precision and the build.
-fn settings_digest(cfg: &TrainConfig, store_id: &str, bf16: bool) -> [u8; 32] {
+/// differ between nodes), the store's identity, the precision, the steps at
+/// which the ranks read their losses back together (`--metrics-every`, and
+/// every checkpoint step) and the build.
+fn settings_digest(cfg: &TrainConfig, store_id: &str, opts: &RunOptions) -> [u8; 32] {
     use sha2::Digest;
     let mut c = cfg.clone();
     c.store = PathBuf::new();
@@ -649,7 +651,9 @@ fn settings_digest(cfg: &TrainConfig, store_id: &str, bf16: bool) -> [u8; 32] {
     let mut h = sha2::Sha256::new();
     h.update(serde_json::to_vec(&c).unwrap_or_default());
     h.update(store_id.as_bytes());
-    h.update([u8::from(bf16)]);
+    h.update([u8::from(opts.bf16)]);
+    h.update(opts.metrics_every.max(1).to_le_bytes());
+    h.update(opts.checkpoint_every.max(1).to_le_bytes());
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
     h.finalize().into()
 }
@@ -724,7 +728,7 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         None => Dist::single(),
     };
     let Setup { device, mut device_line, autocast, source, manifest: m } = dist.agree("set-up", open_setup(cfg, opts, &dist))?;
-    dist.check_same("the settings", &settings_digest(cfg, &m.store_id, opts.bf16))?;
+    dist.check_same("the settings", &settings_digest(cfg, &m.store_id, opts))?;
     let (torch_threads, loader_threads) = thread_budget(opts.threads, device.is_cuda(), opts.loader_threads);
     tch::set_num_threads(torch_threads as i32);
     device_line.push_str(&format!(", {torch_threads} libtorch + {loader_threads} loader threads"));
