@@ -71,20 +71,25 @@ if ! stamp_ok gloo "$GLOO_DEB_VERSION"; then
 fi
 
 # ---- 2. ONNX Runtime shared library ------------------------------------------
+# Copy the named files of onnxruntime/capi/ out of the one wheel in folder $1
+# into folder $2 (the wheels ship the C library we load; no Python needed).
+ort_libs_from_wheel() {
+  local src=$1 dst=$2; shift 2
+  "$PY" - "$src" "$dst" "$@" <<'PYEOF'
+import glob, os, sys, zipfile
+src, dst, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+with zipfile.ZipFile(glob.glob(os.path.join(src, "*.whl"))[0]) as z:
+    for name in names:
+        with z.open(f"onnxruntime/capi/{name}") as f, open(os.path.join(dst, name), "wb") as out:
+            out.write(f.read())
+PYEOF
+}
 ORT_DIR="$DEPS/onnxruntime"
 if ! stamp_ok ort "$ORT_VERSION"; then
   log "installing libonnxruntime $ORT_VERSION from the PyPI wheel"
   rm -rf "$ORT_DIR" "$DEPS/dl-ort"; mkdir -p "$ORT_DIR" "$DEPS/dl-ort"
   "$PY" -m pip download --quiet --no-deps -d "$DEPS/dl-ort" "onnxruntime==$ORT_VERSION"
-  "$PY" - "$DEPS/dl-ort" "$ORT_DIR" "$ORT_VERSION" <<'PYEOF'
-import glob, sys, zipfile, os
-src, dst, ver = sys.argv[1:]
-whl = glob.glob(os.path.join(src, "onnxruntime-*.whl"))[0]
-with zipfile.ZipFile(whl) as z:
-    name = f"onnxruntime/capi/libonnxruntime.so.{ver}"
-    with z.open(name) as f, open(os.path.join(dst, f"libonnxruntime.so.{ver}"), "wb") as out:
-        out.write(f.read())
-PYEOF
+  ort_libs_from_wheel "$DEPS/dl-ort" "$ORT_DIR" "libonnxruntime.so.$ORT_VERSION"
   rm -rf "$DEPS/dl-ort"
   stamp_set ort "$ORT_VERSION"
 fi
@@ -104,16 +109,8 @@ if [[ "$GPU_WANTED" == 1 ]] && ! stamp_ok ort-gpu "$ORT_VERSION $ORT_GPU_CUDA_PI
   log "installing onnxruntime-gpu $ORT_VERSION and its CUDA libraries ($ORT_GPU_CUDA_PINS)"
   rm -rf "$ORT_GPU_DIR" "$DEPS/dl-ort-gpu"; mkdir -p "$ORT_GPU_DIR" "$DEPS/dl-ort-gpu"
   "$PY" -m pip download --quiet --no-deps -d "$DEPS/dl-ort-gpu" "onnxruntime-gpu==$ORT_VERSION"
-  "$PY" - "$DEPS/dl-ort-gpu" "$ORT_GPU_DIR" "$ORT_VERSION" <<'PYEOF'
-import glob, sys, zipfile, os
-src, dst, ver = sys.argv[1:]
-whl = glob.glob(os.path.join(src, "onnxruntime_gpu-*.whl"))[0]
-with zipfile.ZipFile(whl) as z:
-    for name in [f"libonnxruntime.so.{ver}", "libonnxruntime_providers_shared.so",
-                 "libonnxruntime_providers_cuda.so", "libonnxruntime_providers_tensorrt.so"]:
-        with z.open(f"onnxruntime/capi/{name}") as f, open(os.path.join(dst, name), "wb") as out:
-            out.write(f.read())
-PYEOF
+  ort_libs_from_wheel "$DEPS/dl-ort-gpu" "$ORT_GPU_DIR" "libonnxruntime.so.$ORT_VERSION" libonnxruntime_providers_shared.so \
+    libonnxruntime_providers_cuda.so libonnxruntime_providers_tensorrt.so
   "$PY" -m pip install --quiet --no-deps --target "$ORT_GPU_DIR" $ORT_GPU_CUDA_PINS
   ln -sf "libonnxruntime.so.$ORT_VERSION" "$ORT_GPU_DIR/libonnxruntime.so"
   rm -rf "$DEPS/dl-ort-gpu"
