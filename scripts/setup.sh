@@ -32,6 +32,7 @@ ORT_GPU_CUDA_PINS="nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvrtc==13.0.88 nvidi
 PY_NUMPY=2.3.5
 PY_PILLOW=12.0.0
 PY_ONNX=1.19.1
+PY_ZSTANDARD=0.25.0               # shard-store/scripts/codec_study.py
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 stamp_ok() { [[ -f "$DEPS/.stamp-$1" && "$(cat "$DEPS/.stamp-$1")" == "$2" ]]; }
@@ -123,7 +124,7 @@ fi
 
 # ---- 3. Python tools venv (fixtures, teacher graph edit, reference pipeline) --
 VENV="$DEPS/py"
-PY_PINS="numpy==$PY_NUMPY pillow==$PY_PILLOW onnx==$PY_ONNX onnxruntime==$ORT_VERSION"
+PY_PINS="numpy==$PY_NUMPY pillow==$PY_PILLOW onnx==$PY_ONNX onnxruntime==$ORT_VERSION zstandard==$PY_ZSTANDARD"
 if ! stamp_ok py "$PY_PINS"; then
   log "creating Python tools venv ($PY_PINS)"
   rm -rf "$VENV"

@@ -10,7 +10,8 @@ tokens, as the losses normalise them) and reports, on the second half:
   component, the indices component-major as int8, zstd level 19, plus an f16
   norm per token.
 
-usage: codec_study.py STORE [STEP ...]      (needs numpy and zstandard)
+usage: .deps/py/bin/python shard-store/scripts/codec_study.py STORE [STEP ...]
+(numpy and zstandard come with scripts/setup.sh's venv)
 """
 import glob
 import struct
