@@ -511,30 +511,30 @@ impl Stepper<'_> {
         let np = (self.grid * self.grid) as i64;
         let nm = self.cfg.num_masked as i64;
         let tokens = 1 + np;
-        let targets = match teacher {
+        let mapped: Vec<f32>;
+        let targets: &[f32] = match teacher {
             Some(t) => {
                 let out = t.forward(&batch.teacher_inputs, b as usize)?;
                 let per = out.len() / b as usize;
                 let student = (self.grid, self.grid);
-                let mapped: Vec<f32> = if self.teacher_grid == student {
+                mapped = if self.teacher_grid == student {
                     out
                 } else {
                     out.chunks(per)
                         .flat_map(|c| shard_store::resample_grid(c, self.dim as usize, true, self.teacher_grid, student))
                         .collect()
                 };
-                Tensor::from_slice(&mapped)
+                &mapped
             }
-            None => Tensor::from_slice(&batch.targets),
+            None => &batch.targets,
         };
         let device = self.device;
-        let put = |t: Tensor| if device.is_cuda() { t.pin_memory(device).to_device_(device, t.kind(), true, false) } else { t };
         Ok(DeviceBatch {
             epoch: batch.epoch,
-            images: put(Tensor::from_slice(&batch.images).view([b, 3, s, s])),
-            visible: put(Tensor::from_slice(&batch.visible).view([b, np - nm])),
-            masked: put(Tensor::from_slice(&batch.masked).view([b, nm])),
-            targets: put(targets.view([b, tokens, self.dim])),
+            images: upload(&batch.images, &[b, 3, s, s], device),
+            visible: upload(&batch.visible, &[b, np - nm], device),
+            masked: upload(&batch.masked, &[b, nm], device),
+            targets: upload(targets, &[b, tokens, self.dim], device),
         })
     }
 
@@ -568,6 +568,34 @@ impl Stepper<'_> {
         let values = Tensor::stack(&[l.total.detach().to_kind(Kind::Float), l.visible, l.masked, grad_norm], 0);
         Ok(Pending { step: step + 1, epoch: batch.epoch, lr, values })
     }
+}
+
+/// `data` as a tensor of `shape` on `device`. On CUDA it is copied once,
+/// straight into pinned (page-locked) host memory, and sent with a
+/// non-blocking transfer, so the host goes on while the GPU works; elsewhere
+/// it is one copy into a new tensor.
+///
+/// # Panics
+/// If `data` does not hold `shape`'s number of values (the loader builds
+/// both from the same sizes).
+fn upload<T: tch::kind::Element>(data: &[T], shape: &[i64], device: tch::Device) -> Tensor {
+    assert_eq!(data.len() as i64, shape.iter().product::<i64>(), "batch buffer does not match its shape");
+    let mut strides = vec![1i64; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    // SAFETY: `borrowed` views `data` (contiguous, `shape`'s size, checked
+    // above) without owning it; it is read only by the host-to-host copy
+    // below, which completes before `copy_` returns, and dropped right after,
+    // while `data` is still borrowed.
+    let borrowed = unsafe { Tensor::from_blob(data.as_ptr().cast(), shape, &strides, T::KIND, tch::Device::Cpu) };
+    let mut host = Tensor::empty(shape, (T::KIND, tch::Device::Cpu));
+    if device.is_cuda() {
+        host = host.pin_memory(device);
+    }
+    host.copy_(&borrowed);
+    drop(borrowed);
+    if device.is_cuda() { host.to_device_(device, T::KIND, true, false) } else { host }
 }
 
 /// A batch on the training device.
@@ -1007,6 +1035,20 @@ mod tests {
         assert_eq!(thread_budget(16, false, None), (16, 4), "CPU: libtorch computes, the loader refills");
         assert_eq!(thread_budget(2, false, None), (2, 1));
         assert_eq!(thread_budget(2, false, Some(3)), (2, 3));
+    }
+
+    /// The host copy of a batch buffer keeps its values and shape (on CUDA the
+    /// same copy lands in pinned memory first).
+    #[test]
+    fn upload_copies_values_into_the_shape() {
+        let data: Vec<f32> = (0..24).map(|i| i as f32 * 0.5).collect();
+        let t = upload(&data, &[2, 3, 4], tch::Device::Cpu);
+        assert_eq!(t.size(), [2, 3, 4]);
+        assert_eq!(t.double_value(&[1, 2, 3]), 11.5);
+        assert_eq!(Vec::<f32>::try_from(t.flatten(0, -1)).expect("values"), data);
+        let ids: Vec<i64> = vec![7, 8, 9, 10, 11, 12];
+        let t = upload(&ids, &[3, 2], tch::Device::Cpu);
+        assert_eq!((t.kind(), t.int64_value(&[2, 0])), (Kind::Int64, 11));
     }
 
     #[test]
