@@ -46,7 +46,7 @@ pub fn recode(src: &Store, dst: &Path, codec: Codec, mut progress: impl FnMut(u6
     }
     let manifest = Manifest::new(m.teacher.clone(), m.views.clone(), codec, m.dataset.clone(), m.layout.clone(), m.created_by.clone());
     let out = StoreWriter::create_or_open(dst, &manifest)?;
-    let (k, dim) = (m.views.views_per_image, m.teacher.dim as usize);
+    let k = m.views.views_per_image;
     let mut done = Recoded::default();
     let mut values = vec![0f32; m.values_per_view()];
     for s in 0..m.layout.num_shards {
@@ -65,7 +65,6 @@ pub fn recode(src: &Store, dst: &Path, codec: Codec, mut progress: impl FnMut(u6
             })?;
             t.decode_into(&mut values);
             let (_, slot) = m.layout.slot(row.image_id, row.view, k);
-            debug_assert_eq!(dim, t.dim);
             let e = writer.write(slot, &values)?;
             written.push(IndexRow { offset: e.offset, length: e.length, crc32c: e.crc, ..row });
         }

@@ -16,6 +16,6 @@ mod model;
 
 pub use error::{Result, TeacherError};
 pub use model::{
-    ClipModel, Teacher, TeacherDevice, TeacherSpec, cuda_provider_available, deps_dir, environment, gpu_deps_dir, models_dir,
-    nvidia_driver_present, ort_library, parse_triple, sha256_file,
+    ClipModel, Teacher, TeacherDevice, TeacherSpec, deps_dir, environment, gpu_deps_dir, gpu_unavailable, models_dir, ort_library,
+    parse_triple, sha256_file,
 };

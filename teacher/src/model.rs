@@ -36,7 +36,7 @@ pub fn gpu_deps_dir() -> PathBuf {
 }
 
 /// Whether this machine has an NVIDIA driver loaded.
-pub fn nvidia_driver_present() -> bool {
+fn nvidia_driver_present() -> bool {
     Path::new("/proc/driver/nvidia/version").exists()
 }
 
@@ -79,26 +79,38 @@ impl TeacherDevice {
 ///
 /// # Errors
 /// [`TeacherError::Runtime`] when the library is missing or unusable.
-pub fn cuda_provider_available() -> Result<bool> {
+fn cuda_provider_available() -> Result<bool> {
     use ort::ep::ExecutionProvider;
     environment()?;
     Ok(ort::ep::CUDA::is_available().unwrap_or(false))
+}
+
+/// Why the teacher cannot run on a GPU here, or `None` when it can: a
+/// machine without an NVIDIA driver, or an ONNX Runtime library without the
+/// CUDA provider (loads the library).
+///
+/// # Errors
+/// [`TeacherError::Runtime`] when the library is missing or unusable.
+pub fn gpu_unavailable() -> Result<Option<String>> {
+    if !nvidia_driver_present() {
+        return Ok(Some("no NVIDIA driver on this machine".into()));
+    }
+    if !cuda_provider_available()? {
+        return Ok(Some(format!(
+            "{} is ONNX Runtime without CUDA support: run scripts/setup.sh on this machine (it installs onnxruntime-gpu where an \
+             NVIDIA driver is present, or with CAEV2_GPU=1), or point ORT_DYLIB_PATH at onnxruntime-gpu's library",
+            ort_library().display()
+        )));
+    }
+    Ok(None)
 }
 
 /// Make the GPU providers loadable: the library must be a GPU build, and the
 /// CUDA and cuDNN libraries setup installed are loaded first (otherwise they
 /// come from `LD_LIBRARY_PATH`).
 fn prepare_gpu() -> Result<()> {
-    let lib = ort_library();
-    if !nvidia_driver_present() {
-        return Err(TeacherError::Runtime("no NVIDIA driver on this machine (/proc/driver/nvidia/version): use --device cpu".into()));
-    }
-    if !cuda_provider_available()? {
-        return Err(TeacherError::Runtime(format!(
-            "{} is ONNX Runtime without CUDA support: run scripts/setup.sh on this machine (it installs onnxruntime-gpu where an \
-             NVIDIA driver is present, or with CAEV2_GPU=1), or point ORT_DYLIB_PATH at onnxruntime-gpu's library",
-            lib.display()
-        )));
+    if let Some(why) = gpu_unavailable()? {
+        return Err(TeacherError::Runtime(format!("{why}; use --device cpu")));
     }
     let nvidia = gpu_deps_dir().join("nvidia");
     let (cuda, cudnn) = (nvidia.join("cu13/lib"), nvidia.join("cudnn/lib"));

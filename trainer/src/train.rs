@@ -634,11 +634,10 @@ fn flush(
     let rows: Vec<Tensor> = pending.iter().map(|p| p.values.shallow_clone()).collect();
     let host = Tensor::stack(&rows, 0).to_device(tch::Device::Cpu).to_kind(Kind::Double);
     let values: Vec<f64> = Vec::<f64>::try_from(host.flatten(0, -1))?;
-    let mut losses: Vec<f64> = values.chunks_exact(4).flat_map(|v| [v[0], v[1], v[2]]).collect();
-    if dist.world > 1 {
-        let world = dist.world as f64;
-        losses = dist.sum(&losses)?.into_iter().map(|x| x / world).collect();
-    }
+    // the ranks' mean (one process: its own values, divided by 1 exactly)
+    let local: Vec<f64> = values.chunks_exact(4).flat_map(|v| [v[0], v[1], v[2]]).collect();
+    let world = dist.world as f64;
+    let losses: Vec<f64> = dist.sum(&local)?.into_iter().map(|x| x / world).collect();
     let n = pending.len() as f64;
     let secs = elapsed.as_secs_f64().max(1e-9);
     let images_per_sec = batch as f64 * n / secs;
@@ -716,13 +715,21 @@ fn open_setup(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<Setup
     }
     shard_store::check_local(&opts.out)?;
     let (device, device_line, autocast) = choose_device(opts, dist.local_rank)?;
+    let source = open_source(cfg)?;
+    let manifest = source.store().manifest().clone();
+    Ok(Setup { device, device_line, autocast, source, manifest })
+}
+
+/// Open the run's store and images, and check that they can train `cfg`'s
+/// student with its batch and masking.
+fn open_source(cfg: &TrainConfig) -> Result<Arc<DataSource>> {
     let grid = cfg.model.grid() as usize;
     let source = Arc::new(DataSource::open(&cfg.store, &cfg.data, cfg.model.image_size as u32, cfg.train_views.map(|n| 0..n))?);
-    let manifest = source.store().manifest().clone();
-    if i64::from(manifest.teacher.dim) != cfg.model.target_dim {
+    let dim = source.store().manifest().teacher.dim;
+    if i64::from(dim) != cfg.model.target_dim {
         return Err(TrainError::Incompatible {
             store: cfg.store.clone(),
-            what: format!("targets have {} dims, the model's head outputs {}", manifest.teacher.dim, cfg.model.target_dim),
+            what: format!("targets have {dim} dims, the model's head outputs {}", cfg.model.target_dim),
         });
     }
     if source.steps_per_epoch(cfg.batch) == 0 {
@@ -731,7 +738,22 @@ fn open_setup(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<Setup
     if cfg.num_masked == 0 || cfg.num_masked >= grid * grid {
         return Err(TrainError::setting("--num-masked", cfg.num_masked, format!("must be between 1 and {}", grid * grid - 1)));
     }
-    Ok(Setup { device, device_line, autocast, source, manifest })
+    Ok(source)
+}
+
+/// The loader settings of the run `cfg`: this process's `rows` of every
+/// global batch, built by `threads` threads, two batches ahead.
+fn loader_config(cfg: &TrainConfig, rows: std::ops::Range<usize>, threads: usize, teacher_inputs: bool) -> LoaderConfig {
+    LoaderConfig {
+        batch: cfg.batch,
+        rows,
+        seed: cfg.seed,
+        threads,
+        prefetch: 2,
+        image_size: cfg.model.image_size as u32,
+        grid: cfg.model.grid() as usize,
+        teacher_inputs,
+    }
 }
 
 /// The parameters in name order (the same on every rank).
@@ -790,17 +812,7 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let mut teacher = live_teacher(cfg, &m, opts.threads)?;
 
     let masks = MaskGenerator::new(grid, grid, cfg.num_masked, cfg.masking);
-    let loader_cfg = LoaderConfig {
-        batch: cfg.batch,
-        rows: rows.clone(),
-        seed: cfg.seed,
-        threads: loader_threads,
-        prefetch: 2,
-        image_size: cfg.model.image_size as u32,
-        grid,
-        teacher_inputs: teacher.is_some(),
-    };
-    let rx = source.stream(loader_cfg, masks, start, cfg.steps);
+    let rx = source.stream(loader_config(cfg, rows.clone(), loader_threads, teacher.is_some()), masks, start, cfg.steps);
     let bar = if opts.progress && dist.is_main() { ProgressBar::new(cfg.steps) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{spinner} train [{elapsed_precise}] {wide_bar} step {pos}/{len} ETA {eta} {msg}")
@@ -904,20 +916,13 @@ impl LoaderSpeed {
 /// Bad settings, an incompatible store, data errors.
 pub fn measure_loader(cfg: &TrainConfig, threads: usize, steps: u64) -> Result<LoaderSpeed> {
     cfg.validate()?;
+    if !(1..=MAX_THREADS).contains(&threads) {
+        return Err(TrainError::setting("--threads", threads, format!("must be between 1 and {MAX_THREADS}")));
+    }
+    let source = open_source(cfg)?;
     let grid = cfg.model.grid() as usize;
-    let source = Arc::new(DataSource::open(&cfg.store, &cfg.data, cfg.model.image_size as u32, cfg.train_views.map(|n| 0..n))?);
     let masks = MaskGenerator::new(grid, grid, cfg.num_masked, cfg.masking);
-    let lc = LoaderConfig {
-        batch: cfg.batch,
-        rows: 0..cfg.batch,
-        seed: cfg.seed,
-        threads: threads.max(1),
-        prefetch: 2,
-        image_size: cfg.model.image_size as u32,
-        grid,
-        teacher_inputs: false,
-    };
-    let rx = source.stream(lc, masks, 0, steps.max(2));
+    let rx = source.stream(loader_config(cfg, 0..cfg.batch, threads, false), masks, 0, steps.max(2));
     let mut first = true;
     let (mut images, mut t0) = (0u64, Instant::now());
     for batch in rx {
@@ -929,7 +934,7 @@ pub fn measure_loader(cfg: &TrainConfig, threads: usize, steps: u64) -> Result<L
             images += batch.samples.len() as u64;
         }
     }
-    Ok(LoaderSpeed { images, seconds: t0.elapsed().as_secs_f64(), threads: threads.max(1) })
+    Ok(LoaderSpeed { images, seconds: t0.elapsed().as_secs_f64(), threads })
 }
 
 /// A trained (or freshly initialised) student loaded for evaluation or export.

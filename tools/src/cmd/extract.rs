@@ -134,19 +134,11 @@ fn teacher_device(a: &ExtractArgs) -> Result<(TeacherDevice, Option<String>)> {
     let gpu = match a.device.as_str() {
         "cpu" if a.tensorrt => bail!("--tensorrt needs a GPU: use --device cuda or auto"),
         "cpu" => return Ok((TeacherDevice::Cpu, None)),
-        "auto" => {
-            let why = if !teacher::nvidia_driver_present() {
-                Some("no NVIDIA driver".to_string())
-            } else {
-                (!teacher::cuda_provider_available()?)
-                    .then(|| format!("{} has no CUDA provider (run scripts/setup.sh here)", teacher::ort_library().display()))
-            };
-            match why {
-                Some(why) if a.tensorrt => bail!("--tensorrt needs a GPU: {why}"),
-                Some(why) => return Ok((TeacherDevice::Cpu, Some(format!("auto: {why}")))),
-                None => 0,
-            }
-        }
+        "auto" => match teacher::gpu_unavailable()? {
+            Some(why) if a.tensorrt => bail!("--tensorrt needs a GPU: {why}"),
+            Some(why) => return Ok((TeacherDevice::Cpu, Some(format!("auto: {why}")))),
+            None => 0,
+        },
         "cuda" => 0,
         d => match d.strip_prefix("cuda:").and_then(|n| n.parse::<i32>().ok()).filter(|&n| n >= 0) {
             Some(n) => n,
