@@ -21,11 +21,17 @@ pub enum Codec {
     /// value, `round_ties_even(x / scale)`. Half the bytes of f16; token
     /// cosine to f32 above 0.9999 on real teachers (BENCHMARKS.md).
     Int8,
+    /// A transform coder fitted per store (principal axes of the unit
+    /// tokens, one quantiser step, entropy-coded residuals; [`crate::PcaModel`]).
+    /// Keeps token directions only, at a fitted mean token cosine (0.996 by
+    /// default); records vary in size. Needs the store's model file to
+    /// encode or decode.
+    Pca,
 }
 
 impl Codec {
     /// All codecs this build knows.
-    pub const ALL: [Codec; 3] = [Codec::F32, Codec::F16, Codec::Int8];
+    pub const ALL: [Codec; 4] = [Codec::F32, Codec::F16, Codec::Int8, Codec::Pca];
 
     /// The id stored in shard headers.
     pub fn id(self) -> u32 {
@@ -33,6 +39,7 @@ impl Codec {
             Codec::F32 => 0,
             Codec::F16 => 1,
             Codec::Int8 => 2,
+            Codec::Pca => 3,
         }
     }
 
@@ -47,6 +54,7 @@ impl Codec {
             Codec::F32 => "f32",
             Codec::F16 => "f16",
             Codec::Int8 => "int8",
+            Codec::Pca => "pca",
         }
     }
 
@@ -55,12 +63,24 @@ impl Codec {
         Self::ALL.into_iter().find(|c| c.name() == name)
     }
 
-    /// Encoded size of one view's targets: `tokens x dim` values.
+    /// Whether every record has the same size ([`Codec::encoded_len`]).
+    pub fn is_fixed_size(self) -> bool {
+        self != Codec::Pca
+    }
+
+    /// Whether the codec is fitted per store (a model file beside the manifest).
+    pub fn needs_fit(self) -> bool {
+        self == Codec::Pca
+    }
+
+    /// Encoded size of one view's targets (`tokens x dim` values); for a
+    /// codec whose records vary in size, the largest record.
     pub fn encoded_len(self, tokens: usize, dim: usize) -> usize {
         match self {
             Codec::F32 => tokens * dim * 4,
             Codec::F16 => tokens * dim * 2,
             Codec::Int8 => tokens * (4 + dim),
+            Codec::Pca => crate::pca::PcaModel::max_encoded_len(tokens, dim),
         }
     }
 
@@ -71,13 +91,15 @@ impl Codec {
             Codec::F32 => tokens.checked_mul(dim)?.checked_mul(4),
             Codec::F16 => tokens.checked_mul(dim)?.checked_mul(2),
             Codec::Int8 => tokens.checked_mul(dim.checked_add(4)?),
+            Codec::Pca => tokens.checked_mul(dim)?.checked_mul(5)?.div_ceil(2).checked_add(32),
         }
     }
 
     /// Append the encoding of `values` (tokens of `dim` values each) to `out`.
     ///
     /// # Panics
-    /// If `dim` is zero or does not divide `values.len()`.
+    /// If `dim` is zero or does not divide `values.len()`, or for
+    /// [`Codec::Pca`], which encodes with its model ([`crate::PcaModel::encode`]).
     pub fn encode(self, values: &[f32], dim: usize, out: &mut Vec<u8>) {
         assert!(dim > 0 && values.len().is_multiple_of(dim), "values must be whole tokens of dim {dim}");
         match self {
@@ -111,13 +133,16 @@ impl Codec {
                     out.extend(token.iter().map(|v| ((((v * inv).clamp(-127.0, 127.0) + MAGIC) - MAGIC) as i8) as u8));
                 }
             }
+            Codec::Pca => panic!("the pca codec encodes with its fitted model (PcaModel::encode)"),
         }
     }
 
     /// Decode `bytes` (exactly [`Codec::encoded_len`] of `out`'s tokens of
-    /// `dim` values) into `out`. Returns `false` when the length is wrong.
+    /// `dim` values) into `out`. Returns `false` when the length is wrong,
+    /// and for [`Codec::Pca`], which decodes with its model
+    /// ([`crate::PcaModel::decode`]).
     pub fn decode(self, bytes: &[u8], dim: usize, out: &mut [f32]) -> bool {
-        if dim == 0 || !out.len().is_multiple_of(dim) || bytes.len() != self.encoded_len(out.len() / dim, dim) {
+        if self == Codec::Pca || dim == 0 || !out.len().is_multiple_of(dim) || bytes.len() != self.encoded_len(out.len() / dim, dim) {
             return false;
         }
         match self {
@@ -147,6 +172,7 @@ impl Codec {
                     }
                 }
             }
+            Codec::Pca => return false,
         }
         true
     }
@@ -218,7 +244,7 @@ mod tests {
     fn round_trip() {
         let xs: Vec<f32> = (0..1000).map(|i| ((i as f32) * 0.37).sin() * 3.0).collect();
         let dim = 50;
-        for c in Codec::ALL {
+        for c in Codec::ALL.into_iter().filter(|c| c.is_fixed_size()) {
             let mut bytes = Vec::new();
             c.encode(&xs, dim, &mut bytes);
             assert_eq!(bytes.len(), c.encoded_len(xs.len() / dim, dim));
@@ -238,9 +264,13 @@ mod tests {
                     assert!((a - b).abs() <= tol, "{c}: {a} vs {b}");
                 }
             }
+        }
+        for c in Codec::ALL {
             assert_eq!(Codec::from_id(c.id()), Some(c));
             assert_eq!(Codec::parse(c.name()), Some(c));
         }
+        // pca decodes with its model only (pca.rs tests it)
+        assert!(!Codec::Pca.decode(&[0; 64], 4, &mut [0.0; 4]));
     }
 
     #[test]

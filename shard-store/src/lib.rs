@@ -15,6 +15,8 @@
 //!   atomically.
 //! * Reading: [`Store`] maps shards lazily and gives [`TargetsRef`]s by
 //!   `(image, view)` in O(1) or streams all views in storage order.
+//! * [`PcaModel`] is the `pca` codec's fitted model (principal axes, step,
+//!   entropy tables), stored once per store beside the manifest.
 //! * [`recode`] writes a store again with another codec, without the teacher.
 //! * [`resample_grid`] maps targets between token grids (teacher 16x16 to
 //!   student 14x14, say).
@@ -24,6 +26,7 @@ mod error;
 mod grid;
 mod index;
 mod manifest;
+mod pca;
 mod recode;
 mod shard;
 mod store;
@@ -33,8 +36,12 @@ pub use error::{Result, StoreError};
 pub use grid::resample_grid;
 pub use index::{IndexRow, decode_index, encode_index, read_index, schema as index_schema};
 pub use manifest::{
-    DatasetInfo, FORMAT_VERSION, Layout, MANIFEST_FILE, Manifest, OLDEST_SUPPORTED_VERSION, TeacherInfo, ViewsInfo, canonical_json,
+    CodecFit, DatasetInfo, FORMAT_VERSION, Layout, MANIFEST_FILE, Manifest, OLDEST_SUPPORTED_VERSION, TeacherInfo, ViewsInfo,
+    canonical_json,
 };
+pub use pca::{PcaFit, PcaModel, fit_sample_images};
 pub use recode::{Recoded, recode};
 pub use shard::{Entry, FOOTER_LEN, HEADER_LEN, RECORD_ALIGN, ShardHeader, ShardReader, ShardWriter};
-pub use store::{ShardClaim, ShardReport, Skipped, Store, StorePaths, StoreWriter, TargetsRef, check_local, write_file_atomic};
+pub use store::{
+    ShardClaim, ShardReport, Skipped, Store, StorePaths, StoreWriter, TargetsRef, check_local, load_codec_model, write_file_atomic,
+};

@@ -141,6 +141,20 @@ impl Layout {
     }
 }
 
+/// A fitted codec's settings and its model file (codecs that need a fit,
+/// [`Codec::needs_fit`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CodecFit {
+    /// Views asked for the fit.
+    pub views: u64,
+    /// Mean token cosine asked of the fit.
+    pub cosine: f32,
+    /// The model file, relative to the store folder (empty until fitted).
+    pub file: String,
+    /// SHA-256 of the model file, hex (empty until fitted).
+    pub sha256: String,
+}
+
 /// The manifest of a store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -157,6 +171,9 @@ pub struct Manifest {
     pub views: ViewsInfo,
     /// Target codec.
     pub codec: Codec,
+    /// The fitted codec's settings and model (absent for codecs without a fit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codec_fit: Option<CodecFit>,
     /// The images.
     pub dataset: DatasetInfo,
     /// Sharding.
@@ -175,6 +192,7 @@ impl Manifest {
             teacher,
             views,
             codec,
+            codec_fit: None,
             dataset,
             layout,
             created_by,
@@ -183,18 +201,42 @@ impl Manifest {
         m
     }
 
+    /// This manifest with the codec's fit settings and model file (the
+    /// `store_id` follows).
+    pub fn with_codec_fit(mut self, fit: Option<CodecFit>) -> Self {
+        self.codec_fit = fit;
+        self.store_id = self.compute_store_id();
+        self
+    }
+
     /// The identity fields as JSON: everything except `store_id`,
-    /// `created_by` and `dataset.root`.
+    /// `created_by` and `dataset.root` (`codec_fit` only when present, so
+    /// the ids of stores without one did not change when it was added).
     fn identity(&self) -> serde_json::Value {
         let d = &self.dataset;
-        serde_json::json!({
+        let mut id = serde_json::json!({
             "format_version": self.format_version,
             "teacher": self.teacher,
             "views": self.views,
             "codec": self.codec,
             "dataset": {"num_images": d.num_images, "file_list_sha256": d.file_list_sha256, "classes": d.classes},
             "layout": self.layout,
-        })
+        });
+        if let (Some(fit), Some(map)) = (&self.codec_fit, id.as_object_mut()) {
+            map.insert("codec_fit".into(), serde_json::json!(fit));
+        }
+        id
+    }
+
+    /// The identity without the fitted model (its file and hash): what a
+    /// run asks for before it has fitted anything.
+    fn settings(&self) -> serde_json::Value {
+        let mut id = self.identity();
+        if let Some(fit) = id.get_mut("codec_fit").and_then(|f| f.as_object_mut()) {
+            fit.remove("file");
+            fit.remove("sha256");
+        }
+        id
     }
 
     /// The identity as canonical JSON (see [`canonical_json`]): the bytes
@@ -242,7 +284,8 @@ impl Manifest {
     }
 
     /// The first identity field that differs from `requested`, as
-    /// `(dotted path, this value, requested value)`.
+    /// `(dotted path, this value, requested value)`. A fitted codec's model
+    /// is not compared (a run that opens a store reuses the store's).
     pub fn first_difference(&self, requested: &Manifest) -> Option<(String, String, String)> {
         fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<(String, String, String)> {
             match (a, b) {
@@ -264,7 +307,7 @@ impl Manifest {
                 _ => Some((prefix.to_owned(), a.to_string(), b.to_string())),
             }
         }
-        walk("", &self.identity(), &requested.identity())
+        walk("", &self.settings(), &requested.settings())
     }
 
     /// Fail with [`StoreError::Incompatible`] if `requested` differs from

@@ -5,7 +5,8 @@ use std::path::Path;
 use crate::codec::Codec;
 use crate::error::{Result, StoreError};
 use crate::index::IndexRow;
-use crate::manifest::Manifest;
+use crate::manifest::{CodecFit, Manifest};
+use crate::pca::{PcaFit, PcaModel, fit_sample_images};
 use crate::store::{ShardReport, Store, StoreWriter};
 
 /// What [`recode`] did.
@@ -29,12 +30,16 @@ pub struct Recoded {
 /// work. Recoding an f32 store gives the bytes `extract --codec C` would
 /// have written; from a lossy codec the losses add up.
 ///
+/// A codec that needs a fit (`pca`) is fitted with `fit` on the views of
+/// [`fit_sample_images`], the same views `extract` fits on, unless the
+/// destination already has its model (a resumed run).
+///
 /// `progress(views)` is called after each shard.
 ///
 /// # Errors
 /// An incomplete or damaged source, a destination holding another store,
 /// a source equal to the destination, IO errors.
-pub fn recode(src: &Store, dst: &Path, codec: Codec, mut progress: impl FnMut(u64)) -> Result<Recoded> {
+pub fn recode(src: &Store, dst: &Path, codec: Codec, fit: PcaFit, mut progress: impl FnMut(u64)) -> Result<Recoded> {
     let m = src.manifest();
     if std::fs::canonicalize(src.paths().root()).ok() == std::fs::canonicalize(dst).ok() {
         return Err(StoreError::OutOfRange(format!("{}: the destination is the source store; give a new folder", dst.display())));
@@ -44,9 +49,29 @@ pub fn recode(src: &Store, dst: &Path, codec: Codec, mut progress: impl FnMut(u6
             return Err(StoreError::Incomplete { store: src.paths().root().to_owned(), what: format!("shard {s} is not complete") });
         }
     }
-    let manifest = Manifest::new(m.teacher.clone(), m.views.clone(), codec, m.dataset.clone(), m.layout.clone(), m.created_by.clone());
-    let out = StoreWriter::create_or_open(dst, &manifest)?;
+    let settings = codec.needs_fit().then(|| CodecFit { views: fit.views, cosine: fit.cosine, file: String::new(), sha256: String::new() });
+    let manifest = Manifest::new(m.teacher.clone(), m.views.clone(), codec, m.dataset.clone(), m.layout.clone(), m.created_by.clone())
+        .with_codec_fit(settings);
     let k = m.views.views_per_image;
+    let out = StoreWriter::create_or_open_fitting(dst, &manifest, || {
+        let mut sample = Vec::new();
+        for id in fit_sample_images(m.dataset.num_images, k, fit.views) {
+            for v in 0..k {
+                if let Some(t) = src.targets(id, v)? {
+                    sample.extend(t.to_vec());
+                }
+            }
+        }
+        let g = m.teacher.grid;
+        PcaModel::fit(
+            &sample,
+            m.teacher.tokens as usize,
+            m.teacher.dim as usize,
+            m.teacher.has_cls,
+            (g[0] as usize, g[1] as usize),
+            fit.cosine,
+        )
+    })?;
     let mut done = Recoded::default();
     let mut values = vec![0f32; m.values_per_view()];
     for s in 0..m.layout.num_shards {
@@ -63,7 +88,13 @@ pub fn recode(src: &Store, dst: &Path, codec: Codec, mut progress: impl FnMut(u6
                 offset: row.offset,
                 what: format!("image {} view {} is listed in the index but not stored", row.image_id, row.view),
             })?;
-            t.decode_into(&mut values);
+            if !t.decode_into(&mut values) {
+                return Err(StoreError::Corrupt {
+                    path: src.paths().shard(s),
+                    offset: row.offset,
+                    what: format!("image {} view {}: the record does not decode", row.image_id, row.view),
+                });
+            }
             let (_, slot) = m.layout.slot(row.image_id, row.view, k);
             let e = writer.write(slot, &values)?;
             written.push(IndexRow { offset: e.offset, length: e.length, crc32c: e.crc, ..row });

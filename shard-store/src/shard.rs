@@ -143,6 +143,7 @@ pub struct ShardWriter {
     pos: u64,
     entries: Vec<Entry>,
     scratch: Vec<u8>,
+    pca: Option<std::sync::Arc<crate::pca::PcaModel>>,
 }
 
 impl ShardWriter {
@@ -167,7 +168,14 @@ impl ShardWriter {
             pos: HEADER_LEN as u64,
             entries: vec![Entry::default(); header.num_slots() as usize],
             scratch: Vec::new(),
+            pca: None,
         })
+    }
+
+    /// Encode with this fitted model (required for [`Codec::Pca`] shards).
+    pub fn with_pca(mut self, model: Option<std::sync::Arc<crate::pca::PcaModel>>) -> Self {
+        self.pca = model;
+        self
     }
 
     /// Encode `values` (`tokens * dim` floats) with the shard's codec and
@@ -192,7 +200,11 @@ impl ShardWriter {
         let pad = (aligned - self.pos) as usize;
         self.scratch.clear();
         self.scratch.resize(pad, 0);
-        self.header.codec.encode(values, self.header.dim as usize, &mut self.scratch);
+        match (&self.pca, self.header.codec) {
+            (Some(model), Codec::Pca) => model.encode(values, &mut self.scratch),
+            (None, Codec::Pca) => return Err(StoreError::OutOfRange("a pca shard needs its store's fitted model to encode".into())),
+            (_, codec) => codec.encode(values, self.header.dim as usize, &mut self.scratch),
+        }
         let payload = &self.scratch[pad..];
         let e = Entry { offset: aligned, length: payload.len() as u32, crc: crc32c::crc32c(payload) };
         self.out.write_all(&self.scratch).map_err(io(&self.final_path, "write shard record"))?;
@@ -294,8 +306,9 @@ impl ShardReader {
             .ok_or_else(|| corrupt(36, format!("{} tokens x {} values do not make a valid record length", header.tokens, header.dim)))?;
         for slot in 0..num_slots {
             let e = reader.entry(slot);
+            let length_ok = if header.codec.is_fixed_size() { e.length == record_len } else { e.length <= record_len };
             if e.is_present()
-                && (e.length != record_len
+                && (!length_ok
                     || e.offset < HEADER_LEN as u64
                     || e.offset.checked_add(u64::from(e.length)).is_none_or(|end| end > table_offset)
                     || !e.offset.is_multiple_of(RECORD_ALIGN))

@@ -3,6 +3,7 @@
 //! ```text
 //! STORE/
 //!   manifest.json              identity of the store (manifest.rs)
+//!   codec-pca-<hash>.bin       fitted codec model, for codecs that need one (pca.rs)
 //!   shards/shard-00000.bin     targets (shard.rs)
 //!   index/shard-00000.parquet  one row per stored view (index.rs)
 //!   done/shard-00000.json      shard report; its presence marks the shard complete
@@ -12,14 +13,16 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 
 use crate::codec::Codec;
 use crate::error::{Result, StoreError, io};
 use crate::index::{IndexRow, decode_index, encode_index};
-use crate::manifest::Manifest;
+use crate::manifest::{CodecFit, Manifest};
+use crate::pca::PcaModel;
 use crate::shard::{ShardReader, ShardWriter};
 
 /// An image that was not stored, and why.
@@ -164,6 +167,51 @@ fn atomic_write(path: &Path, replace: Replace, fill: impl FnOnce(&File) -> Resul
     Ok(Some(len))
 }
 
+/// Read and check the fitted codec model a manifest names, if its codec
+/// needs one.
+///
+/// # Errors
+/// [`StoreError::Corrupt`] naming the model file when it is missing from
+/// the manifest, damaged (its SHA-256 differs from the manifest's) or of
+/// another shape; IO errors.
+pub fn load_codec_model(root: &Path, m: &Manifest) -> Result<Option<Arc<PcaModel>>> {
+    if !m.codec.needs_fit() {
+        return Ok(None);
+    }
+    let manifest_path = Manifest::path(root);
+    let fit = m.codec_fit.as_ref().filter(|f| !f.file.is_empty()).ok_or_else(|| StoreError::Corrupt {
+        path: manifest_path.clone(),
+        offset: 0,
+        what: format!("codec {} needs a fitted model, and the manifest names none", m.codec),
+    })?;
+    if fit.file.contains(['/', '\\']) || fit.file.starts_with('.') {
+        return Err(StoreError::Corrupt {
+            path: manifest_path,
+            offset: 0,
+            what: format!("model file name {:?} is not a plain file name", fit.file),
+        });
+    }
+    let path = root.join(&fit.file);
+    let bytes = std::fs::read(&path).map_err(io(&path, "read codec model"))?;
+    let sha = hex::encode(sha2::Sha256::digest(&bytes));
+    if sha != fit.sha256 {
+        return Err(StoreError::Corrupt {
+            path,
+            offset: 0,
+            what: format!("damaged codec model: SHA-256 {sha}, the manifest records {}", fit.sha256),
+        });
+    }
+    let model = PcaModel::from_bytes(&path, &bytes)?;
+    if (model.tokens(), model.dim()) != (m.teacher.tokens as usize, m.teacher.dim as usize) {
+        return Err(StoreError::Corrupt {
+            path,
+            offset: 12,
+            what: format!("model of {} x {} targets, the store has {} x {}", model.tokens(), model.dim(), m.teacher.tokens, m.teacher.dim),
+        });
+    }
+    Ok(Some(Arc::new(model)))
+}
+
 /// A store being written. Several processes may hold one for the same
 /// folder: shards are claimed with exclusive file locks and committed
 /// atomically, so concurrent writers never corrupt each other.
@@ -171,6 +219,7 @@ fn atomic_write(path: &Path, replace: Replace, fill: impl FnOnce(&File) -> Resul
 pub struct StoreWriter {
     paths: StorePaths,
     manifest: Manifest,
+    pca: Option<Arc<PcaModel>>,
 }
 
 impl StoreWriter {
@@ -179,23 +228,74 @@ impl StoreWriter {
     ///
     /// # Errors
     /// [`StoreError::Incompatible`] when the folder holds a store made with
-    /// other settings; IO errors.
+    /// other settings; [`StoreError::Incomplete`] for a new store whose
+    /// codec needs a fit (use [`StoreWriter::create_or_open_fitting`]); IO
+    /// errors.
     pub fn create_or_open(root: &Path, manifest: &Manifest) -> Result<Self> {
+        Self::create_or_open_fitting(root, manifest, || {
+            Err(StoreError::Incomplete {
+                store: root.to_owned(),
+                what: format!("codec {} needs a fitted model, and the store has none yet", manifest.codec),
+            })
+        })
+    }
+
+    /// [`StoreWriter::create_or_open`] for any codec: when the store does
+    /// not exist yet and its codec needs a fit, `fit()` gives the model,
+    /// which is written beside the manifest (its file first, then the
+    /// manifest naming it). An existing store's model is reused, never
+    /// refitted, so resumed and concurrent runs write the same bytes; of
+    /// two runs fitting at once, the first manifest wins and the loser
+    /// uses the winner's model.
+    ///
+    /// # Errors
+    /// As [`StoreWriter::create_or_open`], and `fit`'s errors.
+    pub fn create_or_open_fitting<E: From<StoreError>>(
+        root: &Path,
+        manifest: &Manifest,
+        fit: impl FnOnce() -> std::result::Result<PcaModel, E>,
+    ) -> std::result::Result<Self, E> {
         check_local(root)?;
         for sub in ["shards", "index", "done", "locks"] {
             let d = root.join(sub);
             std::fs::create_dir_all(&d).map_err(io(&d, "create folder"))?;
         }
         let path = Manifest::path(root);
+        let mut own_model = None;
         if !path.exists() {
+            let mut new = manifest.clone();
+            if manifest.codec.needs_fit() {
+                let model = fit()?;
+                let settings =
+                    manifest.codec_fit.clone().unwrap_or(CodecFit { views: 0, cosine: 0.0, file: String::new(), sha256: String::new() });
+                let file = model.file_name();
+                let model_path = root.join(&file);
+                // named by its hash: racing fits never overwrite each other
+                atomic_write(&model_path, Replace::No, |mut f| {
+                    f.write_all(model.to_bytes()).map_err(io(&model_path, "write codec model"))
+                })?;
+                new = manifest.clone().with_codec_fit(Some(CodecFit { file, sha256: model.sha256().to_owned(), ..settings }));
+                own_model = Some(model_path);
+            }
             // of two processes racing here, one wins and the other reads and
             // compares the winner's manifest below
-            let json = manifest.to_json(&path)?;
+            let json = new.to_json(&path)?;
             atomic_write(&path, Replace::No, |mut f| f.write_all(&json).map_err(io(&path, "write manifest")))?;
         }
         let existing = Manifest::read(root)?;
         existing.check_same(root, manifest)?;
-        Ok(Self { paths: StorePaths::new(root), manifest: existing })
+        if let Some(own) = own_model
+            && existing.codec_fit.as_ref().map(|f| root.join(&f.file)) != Some(own.clone())
+        {
+            let _ = std::fs::remove_file(own); // lost the race: the winner's model is used
+        }
+        let pca = load_codec_model(root, &existing)?;
+        Ok(Self { paths: StorePaths::new(root), manifest: existing, pca })
+    }
+
+    /// The fitted codec model, for codecs that need one.
+    pub fn codec_model(&self) -> Option<&Arc<PcaModel>> {
+        self.pca.as_ref()
     }
 
     /// The store's manifest.
@@ -275,7 +375,8 @@ impl ShardClaim<'_> {
     /// # Errors
     /// IO errors.
     pub fn writer(&self) -> Result<ShardWriter> {
-        ShardWriter::create(&self.store.paths.shard(self.shard), self.store.manifest.shard_header(self.shard))
+        Ok(ShardWriter::create(&self.store.paths.shard(self.shard), self.store.manifest.shard_header(self.shard))?
+            .with_pca(self.store.pca.clone()))
     }
 
     /// Commit the shard: index part, then shard file, then the report, each
@@ -309,23 +410,49 @@ pub struct TargetsRef<'a> {
     pub tokens: usize,
     /// Values per token.
     pub dim: usize,
+    /// The store's fitted model, for [`Codec::Pca`].
+    pub pca: Option<&'a PcaModel>,
 }
 
 impl TargetsRef<'_> {
-    /// Decode into `out` (`tokens * dim` floats).
+    /// Decode into `out` (`tokens * dim` floats). `false` when the record
+    /// does not decode (a pca record whose CRC matched but whose entropy
+    /// code does not end where it should: written by a faulty encoder).
     ///
     /// # Panics
     /// If `out` has the wrong length.
-    pub fn decode_into(&self, out: &mut [f32]) {
+    pub fn decode_into(&self, out: &mut [f32]) -> bool {
         assert_eq!(out.len(), self.tokens * self.dim, "output buffer must hold tokens x dim floats");
-        let ok = self.codec.decode(self.bytes, self.dim, out);
-        debug_assert!(ok, "record length verified at open");
+        match (self.codec, self.pca) {
+            (Codec::Pca, Some(m)) => m.decode(self.bytes, out),
+            (codec, _) => codec.decode(self.bytes, self.dim, out),
+        }
+    }
+
+    /// Decode what the trainer needs into `out`: the targets, except for
+    /// [`Codec::Pca`], where it is the quantised coefficients on the
+    /// model's axes (the trainer applies [`PcaModel::basis`] and
+    /// [`PcaModel::mean`] on its device). `false` as [`TargetsRef::decode_into`].
+    ///
+    /// # Panics
+    /// If `out` has the wrong length.
+    pub fn decode_for_training(&self, out: &mut [f32]) -> bool {
+        match (self.codec, self.pca) {
+            (Codec::Pca, Some(m)) => {
+                assert_eq!(out.len(), self.tokens * self.dim, "output buffer must hold tokens x dim floats");
+                m.decode_coefficients(self.bytes, out)
+            }
+            _ => self.decode_into(out),
+        }
     }
 
     /// Decoded values as a new vector.
+    /// Non-finite values (NaN) when the record does not decode.
     pub fn to_vec(&self) -> Vec<f32> {
         let mut v = vec![0.0; self.tokens * self.dim];
-        self.decode_into(&mut v);
+        if !self.decode_into(&mut v) {
+            v.fill(f32::NAN);
+        }
         v
     }
 
@@ -347,6 +474,7 @@ pub struct Store {
     paths: StorePaths,
     manifest: Manifest,
     shards: Vec<OnceLock<ShardReader>>,
+    pca: Option<Arc<PcaModel>>,
 }
 
 impl Store {
@@ -379,8 +507,15 @@ impl Store {
     pub fn open_partial(root: &Path) -> Result<Self> {
         check_local(root)?;
         let manifest = Manifest::read(root)?;
+        let pca = load_codec_model(root, &manifest)?;
         let n = manifest.layout.num_shards as usize;
-        Ok(Self { paths: StorePaths::new(root), manifest, shards: (0..n).map(|_| OnceLock::new()).collect() })
+        Ok(Self { paths: StorePaths::new(root), manifest, shards: (0..n).map(|_| OnceLock::new()).collect(), pca })
+    }
+
+    /// The fitted codec model, for codecs that need one (checked against
+    /// the manifest's SHA-256 when the store was opened).
+    pub fn codec_model(&self) -> Option<&Arc<PcaModel>> {
+        self.pca.as_ref()
     }
 
     /// The manifest.
@@ -444,6 +579,7 @@ impl Store {
             codec: m.codec,
             tokens: m.teacher.tokens as usize,
             dim: m.teacher.dim as usize,
+            pca: self.pca.as_deref(),
         }))
     }
 

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde::Serialize;
 use sha2::Digest;
-use shard_store::{Manifest, Skipped, Store};
+use shard_store::{Manifest, Skipped, Store, TargetsRef};
 
 /// `inspect summary` output.
 #[derive(Debug, Serialize)]
@@ -35,6 +35,20 @@ pub struct Summary {
     pub bytes_per_view: f64,
     /// Images skipped, with reasons.
     pub skipped: Vec<Skipped>,
+    /// The fitted codec model, for codecs that need one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub codec_model: Option<CodecModel>,
+}
+
+/// What a fitted codec model holds (see `shard_store::PcaModel`).
+#[derive(Debug, Clone, Serialize)]
+pub struct CodecModel {
+    /// Views it was fitted on.
+    pub fit_views: u64,
+    /// Its quantiser step.
+    pub step: f32,
+    /// Mean token cosine reached on the fit views.
+    pub fit_cosine: f32,
 }
 
 /// Summarise a store from its manifest and shard reports (no shard is read).
@@ -67,6 +81,7 @@ pub fn summary(root: &Path) -> Result<Summary> {
         index_bytes: ib,
         bytes_per_view: if views > 0 { (sb + ib) as f64 / views as f64 } else { 0.0 },
         skipped,
+        codec_model: store.codec_model().map(|p| CodecModel { fit_views: p.fit_views(), step: p.step(), fit_cosine: p.fit_cosine() }),
     })
 }
 
@@ -82,6 +97,15 @@ pub fn format_summary(s: &Summary) -> String {
     line("images", format!("{} in dataset, {} stored, {} skipped", m.dataset.num_images, s.images_stored, s.skipped.len()));
     line("views", format!("{} stored, {} per image", s.views_stored, v.views_per_image));
     line("targets", format!("{} tokens x {} dims, codec {}", t.tokens, t.dim, m.codec));
+    if let (Some(fit), Some(model)) = (&m.codec_fit, &s.codec_model) {
+        line(
+            "codec model",
+            format!(
+                "{} (fitted on {} views, step {:.4}, mean token cosine {:.5} on them)",
+                fit.file, model.fit_views, model.step, model.fit_cosine
+            ),
+        );
+    }
     line(
         "bytes",
         format!(
@@ -221,11 +245,19 @@ fn verify_shard(store: &Store, s: u32) -> ShardCheck {
         if (e.offset, e.length, e.crc) != (row.offset, row.length, row.crc32c) {
             problems.push(p(Some(e.offset), format!("image {} view {}: index and shard table disagree", row.image_id, row.view)));
         }
-        if let Some(bytes) = reader.record(slot)
-            && m.codec.decode(bytes, m.teacher.dim as usize, &mut values)
-            && values.iter().any(|x| !x.is_finite())
-        {
-            problems.push(p(Some(e.offset), format!("image {} view {}: non-finite target values", row.image_id, row.view)));
+        if let Some(bytes) = reader.record(slot) {
+            let t = TargetsRef {
+                bytes,
+                codec: m.codec,
+                tokens: m.teacher.tokens as usize,
+                dim: m.teacher.dim as usize,
+                pca: store.codec_model().map(|p| &**p),
+            };
+            if !t.decode_for_training(&mut values) {
+                problems.push(p(Some(e.offset), format!("image {} view {}: the record does not decode", row.image_id, row.view)));
+            } else if values.iter().any(|x| !x.is_finite()) {
+                problems.push(p(Some(e.offset), format!("image {} view {}: non-finite target values", row.image_id, row.view)));
+            }
         }
     }
     // Paths: each image's path is the one of its position in the dataset
@@ -583,14 +615,20 @@ pub fn compare(a: &Path, b: &Path) -> Result<Comparison> {
     for row in sa.index()? {
         let (Some(ra), Some(rb)) = (sa.targets(row.image_id, row.view)?, sb.targets(row.image_id, row.view)?) else { continue };
         let t = Instant::now();
-        ra.decode_into(&mut x);
+        let ok_a = ra.decode_into(&mut x);
         decode_a += t.elapsed();
         let t = Instant::now();
-        rb.decode_into(&mut y);
+        let ok_b = rb.decode_into(&mut y);
+        if !(ok_a && ok_b) {
+            anyhow::bail!("image {} view {}: a record does not decode (run `caev2 inspect verify`)", row.image_id, row.view);
+        }
         decode_b += t.elapsed();
         let t = Instant::now();
         scratch.clear();
-        mb.codec.encode(std::hint::black_box(&x), d, &mut scratch);
+        match sb.codec_model() {
+            Some(model) => model.encode(std::hint::black_box(&x), &mut scratch),
+            None => mb.codec.encode(std::hint::black_box(&x), d, &mut scratch),
+        }
         encode_b += t.elapsed();
         views += 1;
         for (p, q) in x.chunks(d).zip(y.chunks(d)) {

@@ -61,7 +61,9 @@ pub struct Batch {
     pub epoch: u64,
     /// `[B, 3, S, S]` student inputs.
     pub images: Vec<f32>,
-    /// `[B, 1 + grid^2, D]` targets on the student grid (empty in live-teacher mode).
+    /// `[B, 1 + grid^2, D]` targets on the student grid (empty in
+    /// live-teacher mode); from a `pca` store, the coefficients that
+    /// [`TargetMap`] turns into targets on the device.
     pub targets: Vec<f32>,
     /// `[B, 3, St, St]` teacher inputs (live-teacher mode only).
     pub teacher_inputs: Vec<f32>,
@@ -354,7 +356,14 @@ impl DataSource {
                         view: *view,
                         what: "listed in the index but not stored".into(),
                     })?;
-                    let values = t.to_vec();
+                    let mut values = vec![0f32; t.tokens * t.dim];
+                    if !t.decode_for_training(&mut values) {
+                        return Err(TrainError::Targets {
+                            image_id: iv.image_id,
+                            view: *view,
+                            what: "its stored record does not decode (damaged store; run `caev2 inspect verify`)".into(),
+                        });
+                    }
                     if values.iter().any(|x| !x.is_finite()) {
                         return Err(TrainError::Targets {
                             image_id: iv.image_id,
@@ -383,5 +392,35 @@ impl DataSource {
         }
         let samples = picks.iter().map(|p| (p.image_id, p.view)).collect();
         Ok(Batch { step, epoch, images, targets, teacher_inputs, visible, masked, samples })
+    }
+}
+
+/// What turns the loader's `targets` into teacher targets on the device:
+/// for a `pca` store, its model's affine reconstruction
+/// `coefficients @ basis + mean` (grid resampling in the loader commutes
+/// with it: bilinear weights sum to one); nothing for other codecs.
+#[derive(Debug)]
+pub struct TargetMap {
+    /// `[D, D]`, row `k` = principal axis `k`.
+    basis: tch::Tensor,
+    /// `[D]`.
+    mean: tch::Tensor,
+}
+
+impl TargetMap {
+    /// The map for `store`'s codec, on `device` (`None`: targets are stored as is).
+    pub fn of(store: &Store, device: tch::Device) -> Option<Self> {
+        store.codec_model().map(|m| {
+            let d = m.dim() as i64;
+            Self {
+                basis: tch::Tensor::from_slice(m.basis()).view([d, d]).to_device(device),
+                mean: tch::Tensor::from_slice(m.mean()).to_device(device),
+            }
+        })
+    }
+
+    /// The targets of `stored` (`[..., D]` coefficients).
+    pub fn apply(&self, stored: &tch::Tensor) -> tch::Tensor {
+        stored.matmul(&self.basis) + &self.mean
     }
 }

@@ -493,6 +493,8 @@ struct Stepper<'a> {
     /// The teacher's grid, when targets must be mapped to the student's.
     teacher_grid: (usize, usize),
     dim: i64,
+    /// Reconstruction of a `pca` store's targets on the device.
+    target_map: Option<crate::loader::TargetMap>,
 }
 
 impl Stepper<'_> {
@@ -512,6 +514,7 @@ impl Stepper<'_> {
         let nm = self.cfg.num_masked as i64;
         let tokens = 1 + np;
         let mapped: Vec<f32>;
+        let stored = teacher.is_none();
         let targets: &[f32] = match teacher {
             Some(t) => {
                 let out = t.forward(&batch.teacher_inputs, b as usize)?;
@@ -534,7 +537,10 @@ impl Stepper<'_> {
             images: upload(&batch.images, &[b, 3, s, s], device),
             visible: upload(&batch.visible, &[b, np - nm], device),
             masked: upload(&batch.masked, &[b, nm], device),
-            targets: upload(targets, &[b, tokens, self.dim], device),
+            targets: match (&self.target_map, stored) {
+                (Some(map), true) => map.apply(&upload(targets, &[b, tokens, self.dim], device)),
+                _ => upload(targets, &[b, tokens, self.dim], device),
+            },
         })
     }
 
@@ -831,6 +837,7 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         grid,
         teacher_grid: (m.teacher.grid[0] as usize, m.teacher.grid[1] as usize),
         dim: i64::from(m.teacher.dim),
+        target_map: crate::loader::TargetMap::of(source.store(), device),
     };
     let mut summary = TrainSummary {
         start_step: start,
@@ -1007,6 +1014,7 @@ pub fn alignment(
         grid,
         teacher_inputs: false,
     };
+    let map = crate::loader::TargetMap::of(source.store(), tch::Device::Cpu);
     let rx = source.stream(lc, masks, 0, steps);
     let dim = i64::from(source.store().manifest().teacher.dim);
     let (b, s, np, nm) = (batch as i64, cfg.model.image_size, (grid * grid) as i64, cfg.num_masked as i64);
@@ -1014,7 +1022,8 @@ pub fn alignment(
     for batch_data in rx {
         let bd = batch_data?;
         let images = Tensor::from_slice(&bd.images).view([b, 3, s, s]);
-        let targets = crate::loss::l2_normalize(&Tensor::from_slice(&bd.targets).view([b, 1 + np, dim]));
+        let stored = Tensor::from_slice(&bd.targets).view([b, 1 + np, dim]);
+        let targets = crate::loss::l2_normalize(&map.as_ref().map_or(stored.shallow_clone(), |m| m.apply(&stored)));
         let visible = Tensor::from_slice(&bd.visible).view([b, np - nm]);
         let masked = Tensor::from_slice(&bd.masked).view([b, nm]);
         let out = tch::no_grad(|| loaded.model.forward(&images, &visible, &masked, Pass::Eval));

@@ -61,9 +61,13 @@ pub struct ExtractArgs {
     /// With --tensorrt: engine cache folder [default: ~/.cache/caev2/tensorrt].
     #[arg(long, requires = "tensorrt")]
     tensorrt_cache: Option<PathBuf>,
-    /// Target codec.
+    /// Target codec: f16 (default), f32, int8 (half of f16), or pca (a
+    /// transform coder fitted on the store's first run: ~9x smaller than
+    /// f16 for ViT teachers at token cosine 0.996; see BENCHMARKS.md).
     #[arg(long, value_enum, default_value_t = Codec::F16)]
     codec: Codec,
+    #[command(flatten)]
+    fit: super::FitArgs,
     /// Seed of the view sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -184,6 +188,7 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
         threads: a.threads.unwrap_or(defaults.threads),
         decode_threads: a.decode_threads.unwrap_or(if on_gpu { super::cores().saturating_sub(1).max(1) } else { defaults.decode_threads }),
         codec: a.codec,
+        fit: a.fit.fit(),
         seed: a.seed,
         student_size: a.student_size,
         images_per_shard: a.images_per_shard,

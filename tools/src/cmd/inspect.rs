@@ -88,6 +88,8 @@ pub enum InspectCommand {
         /// Codec of the destination.
         #[arg(long, value_enum)]
         codec: shard_store::Codec,
+        #[command(flatten)]
+        fit: super::FitArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -146,7 +148,7 @@ pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        InspectCommand::Recode { src, dst, codec, json } => {
+        InspectCommand::Recode { src, dst, codec, fit, json } => {
             let source = shard_store::Store::open(&src)?;
             let total = source.manifest().layout.num_shards;
             let bar = indicatif::ProgressBar::new(u64::from(total));
@@ -154,7 +156,7 @@ pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
                 bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
             }
             let t = std::time::Instant::now();
-            let r = shard_store::recode(&source, &dst, codec, |_| bar.inc(1))
+            let r = shard_store::recode(&source, &dst, codec, fit.fit(), |_| bar.inc(1))
                 .with_context(|| format!("recoding {} into {}", src.display(), dst.display()))?;
             bar.finish_and_clear();
             let secs = t.elapsed().as_secs_f64();

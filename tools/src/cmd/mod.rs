@@ -22,6 +22,27 @@ pub fn parse_range(s: &str) -> Result<Range<u32>, String> {
     Ok(a..b)
 }
 
+/// How a codec that needs a fit (`--codec pca`) is fitted when the
+/// destination store is new (an existing store keeps its model).
+#[derive(Debug, Clone, clap::Args)]
+pub struct FitArgs {
+    /// pca: views to fit the principal axes and entropy tables on (all K
+    /// views of images spread evenly over the dataset).
+    #[arg(long, default_value_t = shard_store::PcaFit::default().views)]
+    pub fit_views: u64,
+    /// pca: the quantiser step is the largest whose mean token cosine to
+    /// the teacher's targets on the fit views reaches this value.
+    #[arg(long, default_value_t = shard_store::PcaFit::default().cosine)]
+    pub fit_cosine: f32,
+}
+
+impl FitArgs {
+    /// The library's fit settings.
+    pub fn fit(&self) -> shard_store::PcaFit {
+        shard_store::PcaFit { views: self.fit_views, cosine: self.fit_cosine }
+    }
+}
+
 /// Cores of this machine.
 pub fn cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
