@@ -237,9 +237,7 @@ impl PcaModel {
                 .expect("placeholder tables are not used");
         // coefficients of the sample, with the encoder's own arithmetic
         let mut coef = vec![0f32; unit.len()];
-        for (u, c) in unit.chunks_exact(dim).zip(coef.chunks_exact_mut(dim)) {
-            model.project(u, c);
-        }
+        model.project(&unit, &mut coef);
         let step = model.search_step(&unit, &coef, cosine);
         let fit_cosine = model.mean_cosine(&unit, &coef, step, 1);
         // residual statistics at that step
@@ -429,16 +427,18 @@ impl PcaModel {
         4 * STATES + (tokens * dim * 5).div_ceil(2) + 4 * STATES
     }
 
-    /// Coefficients of unit token `u`: `c_k = sum_i (u_i - mean_i) basis[k][i]`,
-    /// summed over `i` in order (the same bits on every machine).
+    /// Coefficients of unit tokens `u` (`n x dim`) into `c`:
+    /// `c_k = sum_i (u_i - mean_i) basis[k][i]`, one multiply and one add
+    /// per term, summed over `i` in order (the same bits on every machine,
+    /// with or without AVX2). Eight tokens at a time share each row of the
+    /// transposed basis, so it is read from memory once per eight tokens.
     fn project(&self, u: &[f32], c: &mut [f32]) {
-        c.fill(0.0);
-        for (i, (&x, &m)) in u.iter().zip(&self.mean).enumerate() {
-            let d = x - m;
-            for (ck, &b) in c.iter_mut().zip(&self.basis_t[i * self.dim..(i + 1) * self.dim]) {
-                *ck += d * b;
-            }
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { project_avx2(self.dim, &self.mean, &self.basis_t, u, c) };
         }
+        project_impl(self.dim, &self.mean, &self.basis_t, u, c)
     }
 
     /// Mean cosine between the unit tokens and their reconstructions at
@@ -526,18 +526,12 @@ impl PcaModel {
     pub fn encode(&self, values: &[f32], out: &mut Vec<u8>) {
         let dim = self.dim;
         assert_eq!(values.len(), self.tokens * dim, "values must be tokens x dim");
-        let mut q = vec![0i8; values.len()];
-        let mut u = vec![0f32; dim];
-        let mut c = vec![0f32; dim];
+        let mut u = values.to_vec();
+        u.chunks_exact_mut(dim).for_each(normalise);
+        let mut c = vec![0f32; values.len()];
+        self.project(&u, &mut c);
         let inv = 1.0 / self.step;
-        for (x, qt) in values.chunks_exact(dim).zip(q.chunks_exact_mut(dim)) {
-            u.copy_from_slice(x);
-            normalise(&mut u);
-            self.project(&u, &mut c);
-            for (qi, &ci) in qt.iter_mut().zip(&c) {
-                *qi = quantise(ci * inv);
-            }
-        }
+        let q: Vec<i8> = c.iter().map(|&ci| quantise(ci * inv)).collect();
         // the (start, frequency) of every coded symbol, in decoding order
         let mut syms: Vec<(u16, u16)> = Vec::with_capacity(values.len() + 16);
         self.residuals(&q, |k, r| {
@@ -653,6 +647,28 @@ impl PcaModel {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn project_avx2(dim: usize, mean: &[f32], basis_t: &[f32], u: &[f32], c: &mut [f32]) {
+    project_impl(dim, mean, basis_t, u, c)
+}
+
+#[inline(always)]
+fn project_impl(dim: usize, mean: &[f32], basis_t: &[f32], u: &[f32], c: &mut [f32]) {
+    const BLOCK: usize = 8;
+    c.fill(0.0);
+    for (ub, cb) in u.chunks(BLOCK * dim).zip(c.chunks_mut(BLOCK * dim)) {
+        for (i, (row, &m)) in basis_t.chunks_exact(dim).zip(mean).enumerate() {
+            for (ut, ct) in ub.chunks_exact(dim).zip(cb.chunks_exact_mut(dim)) {
+                let d = ut[i] - m;
+                for (ck, &b) in ct.iter_mut().zip(row) {
+                    *ck += d * b;
+                }
+            }
+        }
+    }
+}
+
 /// Scale a token to unit length (left as is when its norm is zero).
 fn normalise(t: &mut [f32]) {
     let n = t.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -756,7 +772,7 @@ mod tests {
             let mut u = t.to_vec();
             normalise(&mut u);
             let mut p = vec![0f32; dim];
-            m.project(&u, &mut p);
+            project_impl(dim, m.mean(), &m.basis_t, &u, &mut p);
             for (a, b) in p.iter().zip(ct) {
                 assert_eq!(f32::from(quantise(a / m.step())) * m.step(), *b);
             }

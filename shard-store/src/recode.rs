@@ -2,6 +2,8 @@
 
 use std::path::Path;
 
+use rayon::prelude::*;
+
 use crate::codec::Codec;
 use crate::error::{Result, StoreError};
 use crate::index::IndexRow;
@@ -73,7 +75,6 @@ pub fn recode(src: &Store, dst: &Path, codec: Codec, fit: PcaFit, mut progress: 
         )
     })?;
     let mut done = Recoded::default();
-    let mut values = vec![0f32; m.values_per_view()];
     for s in 0..m.layout.num_shards {
         let Some(claim) = out.try_claim(s)? else {
             done.shards_already_done += u32::from(out.is_done(s));
@@ -82,22 +83,35 @@ pub fn recode(src: &Store, dst: &Path, codec: Codec, fit: PcaFit, mut progress: 
         let mut writer = claim.writer()?;
         let rows = src.index_of(s)?;
         let mut written = Vec::with_capacity(rows.len());
-        for row in rows {
-            let t = src.targets(row.image_id, row.view)?.ok_or_else(|| StoreError::Corrupt {
-                path: src.paths().shard(s),
-                offset: row.offset,
-                what: format!("image {} view {} is listed in the index but not stored", row.image_id, row.view),
-            })?;
-            if !t.decode_into(&mut values) {
-                return Err(StoreError::Corrupt {
-                    path: src.paths().shard(s),
-                    offset: row.offset,
-                    what: format!("image {} view {}: the record does not decode", row.image_id, row.view),
-                });
+        // decode and encode on rayon's pool, a chunk of rows at a time; write in order
+        for chunk in rows.chunks(256) {
+            let w = &writer;
+            let records: Vec<Result<Vec<u8>>> = chunk
+                .par_iter()
+                .map(|row| {
+                    let t = src.targets(row.image_id, row.view)?.ok_or_else(|| StoreError::Corrupt {
+                        path: src.paths().shard(s),
+                        offset: row.offset,
+                        what: format!("image {} view {} is listed in the index but not stored", row.image_id, row.view),
+                    })?;
+                    let mut values = vec![0f32; m.values_per_view()];
+                    if !t.decode_into(&mut values) {
+                        return Err(StoreError::Corrupt {
+                            path: src.paths().shard(s),
+                            offset: row.offset,
+                            what: format!("image {} view {}: the record does not decode", row.image_id, row.view),
+                        });
+                    }
+                    let mut rec = Vec::new();
+                    w.encode_into(&values, &mut rec)?;
+                    Ok(rec)
+                })
+                .collect();
+            for (row, rec) in chunk.iter().zip(records) {
+                let (_, slot) = m.layout.slot(row.image_id, row.view, k);
+                let e = writer.write_encoded(slot, &rec?)?;
+                written.push(IndexRow { offset: e.offset, length: e.length, crc32c: e.crc, ..row.clone() });
             }
-            let (_, slot) = m.layout.slot(row.image_id, row.view, k);
-            let e = writer.write(slot, &values)?;
-            written.push(IndexRow { offset: e.offset, length: e.length, crc32c: e.crc, ..row });
         }
         let old = src
             .report(s)?

@@ -185,10 +185,39 @@ impl ShardWriter {
     /// An out-of-range or already written slot, a wrong number of values, or
     /// an IO error (e.g. a full disk).
     pub fn write(&mut self, slot: u64, values: &[f32]) -> Result<Entry> {
+        let mut payload = std::mem::take(&mut self.scratch);
+        payload.clear();
+        self.encode_into(values, &mut payload)?;
+        let e = self.write_encoded(slot, &payload);
+        self.scratch = payload;
+        e
+    }
+
+    /// Append the record of `values` (`tokens * dim` floats) in the shard's
+    /// codec to `out`, without writing it: several threads may encode for
+    /// one writer, which then stores the records with
+    /// [`ShardWriter::write_encoded`].
+    ///
+    /// # Errors
+    /// A wrong number of values, or a `pca` shard without its model.
+    pub fn encode_into(&self, values: &[f32], out: &mut Vec<u8>) -> Result<()> {
         let expected = self.header.tokens as usize * self.header.dim as usize;
         if values.len() != expected {
             return Err(StoreError::OutOfRange(format!("record has {} values, the shard expects {expected}", values.len())));
         }
+        match (&self.pca, self.header.codec) {
+            (Some(model), Codec::Pca) => model.encode(values, out),
+            (None, Codec::Pca) => return Err(StoreError::OutOfRange("a pca shard needs its store's fitted model to encode".into())),
+            (_, codec) => codec.encode(values, self.header.dim as usize, out),
+        }
+        Ok(())
+    }
+
+    /// Store a record made by [`ShardWriter::encode_into`] in `slot`.
+    ///
+    /// # Errors
+    /// An out-of-range or already written slot, or an IO error.
+    pub fn write_encoded(&mut self, slot: u64, payload: &[u8]) -> Result<Entry> {
         let entry = self
             .entries
             .get(slot as usize)
@@ -197,17 +226,10 @@ impl ShardWriter {
             return Err(StoreError::OutOfRange(format!("slot {slot} written twice")));
         }
         let aligned = self.pos.next_multiple_of(RECORD_ALIGN);
-        let pad = (aligned - self.pos) as usize;
-        self.scratch.clear();
-        self.scratch.resize(pad, 0);
-        match (&self.pca, self.header.codec) {
-            (Some(model), Codec::Pca) => model.encode(values, &mut self.scratch),
-            (None, Codec::Pca) => return Err(StoreError::OutOfRange("a pca shard needs its store's fitted model to encode".into())),
-            (_, codec) => codec.encode(values, self.header.dim as usize, &mut self.scratch),
-        }
-        let payload = &self.scratch[pad..];
+        let pad = [0u8; RECORD_ALIGN as usize];
         let e = Entry { offset: aligned, length: payload.len() as u32, crc: crc32c::crc32c(payload) };
-        self.out.write_all(&self.scratch).map_err(io(&self.final_path, "write shard record"))?;
+        self.out.write_all(&pad[..(aligned - self.pos) as usize]).map_err(io(&self.final_path, "write shard record"))?;
+        self.out.write_all(payload).map_err(io(&self.final_path, "write shard record"))?;
         self.pos = aligned + u64::from(e.length);
         self.entries[slot as usize] = e;
         Ok(e)

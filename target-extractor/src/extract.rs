@@ -3,7 +3,7 @@
 //! by bounded channels.
 //!
 //! ```text
-//! producer (rayon pool)  --Msg-->  inference (ONNX Runtime)  --Msg-->  writer (encode, fsync, commit)
+//! producer (rayon pool)  --Msg-->  inference (ONNX Runtime)  --Msg-->  writer (encode on rayon's pool, fsync, commit)
 //! ```
 //! Within a shard, views flow in image/view order and batches never span
 //! shards, so a shard's bytes do not depend on which shards ran before it
@@ -361,19 +361,31 @@ fn write_stage(rx: Receiver<Msg<'_>>, cfg: &ExtractConfig, manifest: &Manifest, 
             }
             Msg::Targets(jobs, out) => {
                 let Some(open) = current.as_mut() else { continue };
-                for (j, t) in jobs.into_iter().zip(out.chunks_exact(values)) {
-                    let f = &ds.files[j.image_id as usize];
+                for (j, t) in jobs.iter().zip(out.chunks_exact(values)) {
                     if let Some(bad) = t.iter().find(|x| !x.is_finite()) {
                         return Err(ExtractError::Teacher(TeacherError::Model {
                             path: cfg.teacher.path.clone(),
                             what: format!(
                                 "output {bad} for view {} of {}: the teacher's targets must be finite; nothing was stored for this shard",
-                                j.view, f.rel
+                                j.view, ds.files[j.image_id as usize].rel
                             ),
                         }));
                     }
+                }
+                // a batch's records are encoded in parallel (pca costs a few
+                // ms per view), then written in order
+                let writer = &open.writer;
+                let records: Vec<shard_store::Result<Vec<u8>>> = out
+                    .par_chunks_exact(values)
+                    .map(|t| {
+                        let mut rec = Vec::new();
+                        writer.encode_into(t, &mut rec).map(|()| rec)
+                    })
+                    .collect();
+                for (j, rec) in jobs.into_iter().zip(records) {
+                    let f = &ds.files[j.image_id as usize];
                     let (_, slot) = manifest.layout.slot(j.image_id, j.view, cfg.views);
-                    let e = open.writer.write(slot, t)?;
+                    let e = open.writer.write_encoded(slot, &rec?)?;
                     open.rows.push(IndexRow {
                         image_id: j.image_id,
                         path: f.rel.clone(),
