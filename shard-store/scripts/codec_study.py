@@ -10,7 +10,12 @@ tokens, as the losses normalise them) and reports, on the second half:
   component, the indices component-major as int8, zstd level 19, plus an f16
   norm per token.
 
+* product quantisation of the unit tokens (`--pq`): subvectors of 4 and 2
+  values, 256 k-means centroids each (one byte per subvector), fitted on
+  up to 20,000 tokens of the first half.
+
 usage: .deps/py/bin/python shard-store/scripts/codec_study.py STORE [STEP ...]
+       .deps/py/bin/python shard-store/scripts/codec_study.py STORE --pq
 (numpy and zstandard come with scripts/setup.sh's venv)
 """
 import glob
@@ -65,5 +70,36 @@ def main(store, steps):
               f"p1 {np.percentile(c, 1):.5f} min {c.min():.5f}")
 
 
+def kmeans(x, k, rng, iters=12):
+    c = x[rng.choice(len(x), k, replace=False)]
+    for _ in range(iters):
+        a = ((x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]).argmin(1)
+        for j in range(k):
+            if (a == j).any():
+                c[j] = x[a == j].mean(0)
+    return c
+
+
+def pq(store):
+    rng = np.random.default_rng(0)
+    x = load(store)
+    v, t, d = x.shape
+    u = x / np.linalg.norm(x, axis=2, keepdims=True)
+    fit, test = u[: v // 2].reshape(-1, d), u[v // 2 :].reshape(-1, d)
+    fit = fit[rng.choice(len(fit), min(20000, len(fit)), replace=False)]
+    for sub in [4, 2]:
+        rec = np.zeros_like(test)
+        for s in range(d // sub):
+            sl = slice(s * sub, (s + 1) * sub)
+            c = kmeans(fit[:, sl].copy(), 256, rng)
+            rec[:, sl] = c[((test[:, sl] ** 2).sum(1)[:, None] - 2 * test[:, sl] @ c.T + (c * c).sum(1)[None]).argmin(1)]
+        cos = (rec * test).sum(1) / np.linalg.norm(rec, axis=1)
+        print(f"  PQ {d // sub} x 8 bits (subvectors of {sub}): {d // sub * t} bytes/view, token cosine mean {cos.mean():.5f} "
+              f"p1 {np.percentile(cos, 1):.5f}")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], [float(s) for s in sys.argv[2:]] or [0.015, 0.02, 0.03, 0.05])
+    if sys.argv[2:] == ["--pq"]:
+        pq(sys.argv[1])
+    else:
+        main(sys.argv[1], [float(s) for s in sys.argv[2:]] or [0.015, 0.02, 0.03, 0.05])

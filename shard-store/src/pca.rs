@@ -81,10 +81,12 @@ struct Table {
     freq: [u16; SYMBOLS],
     /// Cumulative start of each symbol.
     start: [u16; SYMBOLS],
-    /// Slot (`state & 4095`) to the index of its symbol in `symbols`.
+    /// Slot (`state & 4095`) to the index of its symbol in `entries`.
     slot_index: Box<[u8; M as usize]>,
-    /// The symbols with a non-zero frequency, ascending (at most 256).
-    symbols: Vec<u16>,
+    /// `[symbol, frequency, start]` of the symbols with a non-zero
+    /// frequency, ascending (at most 256; a byte indexes it without a
+    /// bounds check).
+    entries: Box<[[u16; 3]; 256]>,
 }
 
 impl Table {
@@ -106,7 +108,11 @@ impl Table {
             slot_index[acc as usize..(acc + f) as usize].fill(i as u8);
             acc += f;
         }
-        Some(Self { freq, start, slot_index, symbols: used })
+        let mut entries = Box::new([[0u16; 3]; 256]);
+        for (e, &s) in entries.iter_mut().zip(&used) {
+            *e = [s, freq[s as usize], start[s as usize]];
+        }
+        Some(Self { freq, start, slot_index, entries })
     }
 
     /// Frequencies from counts: every seen residual at least 1, the escape 1
@@ -161,14 +167,11 @@ fn quantise(y: f32) -> i8 {
 
 /// The median edge detector of LOCO-I: the prediction of a grid value from
 /// its left (`a`), upper (`b`) and upper-left (`c`) neighbours.
+/// It equals the median of `a`, `b` and `a + b - c`, computed without
+/// branches (the values are data, so branches would be mispredicted).
+#[inline(always)]
 fn med(a: i32, b: i32, c: i32) -> i32 {
-    if c >= a.max(b) {
-        a.min(b)
-    } else if c <= a.min(b) {
-        a.max(b)
-    } else {
-        a + b - c
-    }
+    a.min(b).max(a.max(b).min(a + b - c))
 }
 
 impl PcaModel {
@@ -242,12 +245,14 @@ impl PcaModel {
         let fit_cosine = model.mean_cosine(&unit, &coef, step, 1);
         // residual statistics at that step
         let mut counts = vec![[0u64; 256]; dim];
-        let mut q = vec![0i8; per_view];
+        let mut qc = vec![0i8; per_view];
         for view in coef.chunks_exact(per_view) {
-            for (qi, &c) in q.iter_mut().zip(view) {
-                *qi = quantise(c * (1.0 / step));
+            for (t, ct) in view.chunks_exact(dim).enumerate() {
+                for (k, &c) in ct.iter().enumerate() {
+                    qc[k * tokens + t] = quantise(c * (1.0 / step));
+                }
             }
-            model.residuals(&q, |k, r| counts[k][r as usize] += 1);
+            model.residuals(&mut qc, |k, r| counts[k][r as usize] += 1);
         }
         let freqs: Vec<[u16; SYMBOLS]> = counts.iter().map(Table::from_counts).collect();
         model =
@@ -489,33 +494,15 @@ impl PcaModel {
     }
 
     /// Call `f(component, residual byte)` for every value of the quantised
-    /// view `q` (`tokens x dim`), component by component, tokens in order.
-    fn residuals(&self, q: &[i8], mut f: impl FnMut(usize, u8)) {
-        let (dim, cls, cols) = (self.dim, usize::from(self.has_cls), self.grid.1);
-        for k in 0..dim {
-            for t in 0..self.tokens {
-                let pred = self.predict(q, t, k, cls, cols);
-                f(k, (i32::from(q[t * dim + k]) - pred) as u8);
-            }
-        }
-    }
-
-    /// The prediction of `q[t][k]` from already coded values: 0 for the CLS
-    /// token and the first patch, the left neighbour on the first row, the
-    /// upper one in the first column, the median edge detector elsewhere.
-    #[inline]
-    fn predict(&self, q: &[i8], t: usize, k: usize, cls: usize, cols: usize) -> i32 {
-        if t < cls {
-            return 0;
-        }
-        let p = t - cls;
-        let (y, x) = (p / cols, p % cols);
-        let at = |tt: usize| i32::from(q[tt * self.dim + k]);
-        match (y, x) {
-            (0, 0) => 0,
-            (0, _) => at(t - 1),
-            (_, 0) => at(t - cols),
-            _ => med(at(t - 1), at(t - cols), at(t - cols - 1)),
+    /// view `qc` (component-major: `qc[k * tokens + t]`), component by
+    /// component, tokens in order.
+    fn residuals(&self, qc: &mut [i8], mut f: impl FnMut(usize, u8)) {
+        let (cls, cols) = (usize::from(self.has_cls), self.grid.1);
+        for (k, col) in qc.chunks_exact_mut(self.tokens).enumerate() {
+            walk(col, cls, cols, |pred, v| {
+                f(k, (i32::from(v) - pred) as u8);
+                Some(v)
+            });
         }
     }
 
@@ -531,10 +518,15 @@ impl PcaModel {
         let mut c = vec![0f32; values.len()];
         self.project(&u, &mut c);
         let inv = 1.0 / self.step;
-        let q: Vec<i8> = c.iter().map(|&ci| quantise(ci * inv)).collect();
+        let mut qc = vec![0i8; values.len()];
+        for (t, ct) in c.chunks_exact(dim).enumerate() {
+            for (k, &ci) in ct.iter().enumerate() {
+                qc[k * self.tokens + t] = quantise(ci * inv);
+            }
+        }
         // the (start, frequency) of every coded symbol, in decoding order
         let mut syms: Vec<(u16, u16)> = Vec::with_capacity(values.len() + 16);
-        self.residuals(&q, |k, r| {
+        self.residuals(&mut qc, |k, r| {
             let tb = &self.tables[k];
             let r = usize::from(r);
             if tb.freq[r] > 0 {
@@ -570,8 +562,8 @@ impl PcaModel {
         if out.len() != q.len() || !self.decode_q(bytes, &mut q) {
             return false;
         }
-        for (o, &v) in out.iter_mut().zip(&q) {
-            *o = f32::from(v) * self.step;
+        for (x, &v) in out.iter_mut().zip(&q) {
+            *x = f32::from(v) * self.step;
         }
         true
     }
@@ -597,54 +589,130 @@ impl PcaModel {
         true
     }
 
+    /// The rANS decoder (FORMAT.md) into token-major `q` (`tokens x dim`).
     fn decode_q(&self, bytes: &[u8], q: &mut [i8]) -> bool {
-        if bytes.len() < 4 * STATES {
-            return false;
-        }
+        let Some((head, data)) = bytes.split_first_chunk::<{ 4 * STATES }>() else { return false };
         let mut state: [u32; STATES] =
-            std::array::from_fn(|i| u32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]));
+            std::array::from_fn(|i| u32::from_le_bytes([head[4 * i], head[4 * i + 1], head[4 * i + 2], head[4 * i + 3]]));
         if state.iter().any(|&s| s < RANS_L) {
             return false;
         }
-        let data = &bytes[4 * STATES..];
-        let mut pos = 0usize;
-        let mut j = 0usize;
-        // decode one symbol with `start`/`freq` chosen from the slot by `pick`
-        let (dim, cls, cols) = (self.dim, usize::from(self.has_cls), self.grid.1);
-        for k in 0..dim {
-            let tb = &self.tables[k];
-            for t in 0..self.tokens {
+        // pass 1: the residual bytes (the rANS chains only); pass 2: the
+        // predictions (a separate dependency chain through the grid)
+        let (mut pos, mut j) = (0usize, 0usize);
+        let dim = self.dim;
+        for (k, tb) in self.tables.iter().enumerate() {
+            for r in q[k..].iter_mut().step_by(dim) {
                 let x = &mut state[j % STATES];
                 let slot = *x & (M - 1);
-                let sym = usize::from(tb.symbols[usize::from(tb.slot_index[slot as usize])]);
-                *x = u32::from(tb.freq[sym]) * (*x >> SCALE_BITS) + slot - u32::from(tb.start[sym]);
-                while *x < RANS_L {
-                    let Some(&b) = data.get(pos) else { return false };
-                    *x = (*x << 8) | u32::from(b);
-                    pos += 1;
+                let [sym, freq, start] = tb.entries[usize::from(tb.slot_index[slot as usize])];
+                if rans_advance(x, u32::from(freq), u32::from(start), slot, data, &mut pos).is_none() {
+                    return false;
                 }
                 j += 1;
-                let r = if sym == ESC {
+                *r = if usize::from(sym) == ESC {
                     let x = &mut state[j % STATES];
                     let slot = *x & (M - 1);
                     let byte = slot >> 4;
-                    *x = 16 * (*x >> SCALE_BITS) + slot - byte * 16;
-                    while *x < RANS_L {
-                        let Some(&b) = data.get(pos) else { return false };
-                        *x = (*x << 8) | u32::from(b);
-                        pos += 1;
+                    if rans_advance(x, 16, byte * 16, slot, data, &mut pos).is_none() {
+                        return false;
                     }
                     j += 1;
-                    byte as u8
+                    byte as u8 as i8
                 } else {
-                    sym as u8
+                    sym as u8 as i8
                 };
-                let pred = self.predict(q, t, k, cls, cols);
-                q[t * dim + k] = (pred as u8).wrapping_add(r) as i8;
+            }
+        }
+        // the predictions token by token, every component at once (the
+        // same values as `walk`, in an order that vectorises)
+        let (cls, cols) = (usize::from(self.has_cls), self.grid.1);
+        for t in cls..self.tokens {
+            let p = t - cls;
+            let (y, x) = (p / cols, p % cols);
+            let (done, rest) = q.split_at_mut(t * dim);
+            let row = &mut rest[..dim];
+            let at = |tt: usize| &done[tt * dim..(tt + 1) * dim];
+            match (y, x) {
+                (0, 0) => {}
+                (0, _) => add_prediction(row, at(t - 1)),
+                (_, 0) => add_prediction(row, at(t - cols)),
+                _ => {
+                    let (a, b, c) = (at(t - 1), at(t - cols), at(t - cols - 1));
+                    for (((r, &a), &b), &c) in row.iter_mut().zip(a).zip(b).zip(c) {
+                        let pred = med(i32::from(a), i32::from(b), i32::from(c));
+                        *r = (pred as u8).wrapping_add(*r as u8) as i8;
+                    }
+                }
             }
         }
         pos == data.len() && state.iter().all(|&s| s == RANS_L)
     }
+}
+
+/// `row[k] = pred[k] + row[k]` (wrapping bytes), the residuals becoming values.
+#[inline(always)]
+fn add_prediction(row: &mut [i8], pred: &[i8]) {
+    for (r, &p) in row.iter_mut().zip(pred) {
+        *r = (p as u8).wrapping_add(*r as u8) as i8;
+    }
+}
+
+/// One rANS decoding step past a symbol `(start, freq)` found at `slot`,
+/// then renormalisation from `data`; `None` when the data runs out.
+#[inline(always)]
+fn rans_advance(x: &mut u32, freq: u32, start: u32, slot: u32, data: &[u8], pos: &mut usize) -> Option<()> {
+    *x = freq * (*x >> SCALE_BITS) + slot - start;
+    // x >= 2^11 here (x >= L before, freq >= 1), so at most two bytes
+    // come in: without a branch on the (unpredictable) count
+    if let Some(&[hi, lo]) = data.get(*pos..*pos + 2) {
+        let n = u32::from(*x < RANS_L) + u32::from(*x < (RANS_L >> 8));
+        let two = (u32::from(hi) << 8) | u32::from(lo);
+        // n = 2: x < 2^15, n = 1: x < 2^23, so the shift keeps every bit
+        *x = (*x << (8 * n)) | (two >> (8 * (2 - n)));
+        *pos += n as usize;
+        return Some(());
+    }
+    while *x < RANS_L {
+        *x = (*x << 8) | u32::from(*data.get(*pos)?);
+        *pos += 1;
+    }
+    Some(())
+}
+
+/// Walk one component's values `col` (all tokens, in order) with their
+/// predictions from the values before them: 0 for the CLS token and the
+/// first patch, the left neighbour on the first row, the upper one in the
+/// first column, the median edge detector of the left, upper and
+/// upper-left ones elsewhere. `f(prediction, value)` gives the value to
+/// keep (the encoder keeps it, the decoder rebuilds it); `false` when `f`
+/// gave up.
+#[inline(always)]
+fn walk(col: &mut [i8], cls: usize, cols: usize, mut f: impl FnMut(i32, i8) -> Option<i8>) -> bool {
+    for t in 0..cls.min(col.len()) {
+        let Some(v) = f(0, col[t]) else { return false };
+        col[t] = v;
+    }
+    // the left neighbour stays in a register (reading it back from `col`
+    // would put a store-to-load round trip on the chain from value to value)
+    let (mut x, mut first_row, mut left) = (0usize, true, 0i32);
+    for t in cls..col.len() {
+        let pred = match (first_row, x) {
+            (true, 0) => 0,
+            (true, _) => left,
+            (false, 0) => i32::from(col[t - cols]),
+            _ => med(left, i32::from(col[t - cols]), i32::from(col[t - cols - 1])),
+        };
+        let Some(v) = f(pred, col[t]) else { return false };
+        col[t] = v;
+        left = i32::from(v);
+        x += 1;
+        if x == cols {
+            x = 0;
+            first_row = false;
+        }
+    }
+    true
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -805,5 +873,27 @@ mod tests {
         assert_eq!(med(3, 5, 6), 3);
         assert_eq!(med(3, 5, 1), 5);
         assert_eq!(med(3, 5, 4), 4);
+    }
+}
+#[cfg(test)]
+mod speed {
+    #[test]
+    #[ignore]
+    fn decode_speed() {
+        let store = crate::Store::open(std::path::Path::new("/tmp/cx/dino-pca3")).expect("open");
+        let m = store.codec_model().expect("m").clone();
+        let recs: Vec<Vec<u8>> = (0..100).map(|i| store.targets(i, 0).expect("r").expect("s").bytes.to_vec()).collect();
+        let mut out = vec![0f32; m.tokens() * m.dim()];
+        let mut qc = vec![0i8; m.tokens() * m.dim()];
+        let t = std::time::Instant::now();
+        for r in &recs {
+            assert!(m.decode_q(r, &mut qc));
+        }
+        eprintln!("decode_q {:?}/view", t.elapsed() / 100);
+        let t = std::time::Instant::now();
+        for r in &recs {
+            assert!(m.decode_coefficients(r, &mut out));
+        }
+        eprintln!("decode_coefficients {:?}/view", t.elapsed() / 100);
     }
 }
