@@ -81,12 +81,15 @@ struct Table {
     freq: [u16; SYMBOLS],
     /// Cumulative start of each symbol.
     start: [u16; SYMBOLS],
-    /// Slot (`state & 4095`) to the index of its symbol in `entries`.
-    slot_index: Box<[u8; M as usize]>,
-    /// `[symbol, frequency, start]` of the symbols with a non-zero
-    /// frequency, ascending (at most 256; a byte indexes it without a
-    /// bounds check).
-    entries: Box<[[u16; 3]; 256]>,
+    /// For each run of 8 slots (`slot >> 3`), the index in `entries` of
+    /// the symbol holding its first slot: the decoder starts there and
+    /// steps forward while the slot lies past the symbol's end (rarely:
+    /// most runs lie within one symbol). 512 bytes per component, where a
+    /// slot-by-slot table would take 4 KB and fall out of the cache.
+    bucket: [u8; (M >> 3) as usize],
+    /// `[symbol, frequency, start, end]` of the symbols with a non-zero
+    /// frequency, ascending (at most 256; a byte indexes it).
+    entries: Box<[[u16; 4]; 256]>,
 }
 
 impl Table {
@@ -100,19 +103,20 @@ impl Table {
             return None;
         }
         let mut start = [0u16; SYMBOLS];
-        let mut slot_index = Box::new([0u8; M as usize]);
+        let mut bucket = [0u8; (M >> 3) as usize];
+        let mut entries = Box::new([[0u16; 4]; 256]);
         let mut acc = 0u32;
         for (i, &s) in used.iter().enumerate() {
-            start[s as usize] = acc as u16;
             let f = u32::from(freq[s as usize]);
-            slot_index[acc as usize..(acc + f) as usize].fill(i as u8);
+            start[s as usize] = acc as u16;
+            entries[i] = [s, f as u16, acc as u16, (acc + f) as u16];
+            // runs whose first slot lies in this symbol
+            for b in acc.div_ceil(8)..(acc + f).div_ceil(8) {
+                bucket[b as usize] = i as u8;
+            }
             acc += f;
         }
-        let mut entries = Box::new([[0u16; 3]; 256]);
-        for (e, &s) in entries.iter_mut().zip(&used) {
-            *e = [s, freq[s as usize], start[s as usize]];
-        }
-        Some(Self { freq, start, slot_index, entries })
+        Some(Self { freq, start, bucket, entries })
     }
 
     /// Frequencies from counts: every seen residual at least 1, the escape 1
@@ -605,7 +609,12 @@ impl PcaModel {
             for r in q[k..].iter_mut().step_by(dim) {
                 let x = &mut state[j % STATES];
                 let slot = *x & (M - 1);
-                let [sym, freq, start] = tb.entries[usize::from(tb.slot_index[slot as usize])];
+                let mut i = usize::from(tb.bucket[(slot >> 3) as usize]);
+                // ends at the last used symbol at the latest (its end is 4096)
+                while slot >= u32::from(tb.entries[i & 255][3]) {
+                    i += 1;
+                }
+                let [sym, freq, start, _] = tb.entries[i & 255];
                 if rans_advance(x, u32::from(freq), u32::from(start), slot, data, &mut pos).is_none() {
                     return false;
                 }
