@@ -884,25 +884,3 @@ mod tests {
         assert_eq!(med(3, 5, 4), 4);
     }
 }
-#[cfg(test)]
-mod speed {
-    #[test]
-    #[ignore]
-    fn decode_speed() {
-        let store = crate::Store::open(std::path::Path::new("/tmp/cx/dino-pca3")).expect("open");
-        let m = store.codec_model().expect("m").clone();
-        let recs: Vec<Vec<u8>> = (0..100).map(|i| store.targets(i, 0).expect("r").expect("s").bytes.to_vec()).collect();
-        let mut out = vec![0f32; m.tokens() * m.dim()];
-        let mut qc = vec![0i8; m.tokens() * m.dim()];
-        let t = std::time::Instant::now();
-        for r in &recs {
-            assert!(m.decode_q(r, &mut qc));
-        }
-        eprintln!("decode_q {:?}/view", t.elapsed() / 100);
-        let t = std::time::Instant::now();
-        for r in &recs {
-            assert!(m.decode_coefficients(r, &mut out));
-        }
-        eprintln!("decode_coefficients {:?}/view", t.elapsed() / 100);
-    }
-}
