@@ -603,36 +603,41 @@ impl PcaModel {
         }
         // pass 1: the residual bytes (the rANS chains only); pass 2: the
         // predictions (a separate dependency chain through the grid)
-        let (mut pos, mut j) = (0usize, 0usize);
+        // The four states rotate through `x`: the current one is always
+        // `x[0]`, so they live in registers rather than in an array indexed
+        // by the symbol count.
+        let mut pos = 0usize;
+        let mut x = state;
         let dim = self.dim;
         for (k, tb) in self.tables.iter().enumerate() {
             for r in q[k..].iter_mut().step_by(dim) {
-                let x = &mut state[j % STATES];
-                let slot = *x & (M - 1);
+                let slot = x[0] & (M - 1);
                 let mut i = usize::from(tb.bucket[(slot >> 3) as usize]);
-                // ends at the last used symbol at the latest (its end is 4096)
+                // one step without a branch covers nearly every slot; the
+                // loop ends at the last used symbol at the latest (its end is 4096)
+                i += usize::from(slot >= u32::from(tb.entries[i & 255][3]));
                 while slot >= u32::from(tb.entries[i & 255][3]) {
                     i += 1;
                 }
                 let [sym, freq, start, _] = tb.entries[i & 255];
-                if rans_advance(x, u32::from(freq), u32::from(start), slot, data, &mut pos).is_none() {
+                if rans_advance(&mut x[0], u32::from(freq), u32::from(start), slot, data, &mut pos).is_none() {
                     return false;
                 }
-                j += 1;
+                x = [x[1], x[2], x[3], x[0]];
                 *r = if usize::from(sym) == ESC {
-                    let x = &mut state[j % STATES];
-                    let slot = *x & (M - 1);
+                    let slot = x[0] & (M - 1);
                     let byte = slot >> 4;
-                    if rans_advance(x, 16, byte * 16, slot, data, &mut pos).is_none() {
+                    if rans_advance(&mut x[0], 16, byte * 16, slot, data, &mut pos).is_none() {
                         return false;
                     }
-                    j += 1;
+                    x = [x[1], x[2], x[3], x[0]];
                     byte as u8 as i8
                 } else {
                     sym as u8 as i8
                 };
             }
         }
+        state = x;
         // the predictions token by token, every component at once (the
         // same values as `walk`, in an order that vectorises)
         let (cls, cols) = (usize::from(self.has_cls), self.grid.1);
@@ -648,9 +653,11 @@ impl PcaModel {
                 (_, 0) => add_prediction(row, at(t - cols)),
                 _ => {
                     let (a, b, c) = (at(t - 1), at(t - cols), at(t - cols - 1));
-                    for (((r, &a), &b), &c) in row.iter_mut().zip(a).zip(b).zip(c) {
-                        let pred = med(i32::from(a), i32::from(b), i32::from(c));
-                        *r = (pred as u8).wrapping_add(*r as u8) as i8;
+                    // in 16-bit lanes (a + b - c fits), which vectorise
+                    for k in 0..dim {
+                        let (a, b, c) = (i16::from(a[k]), i16::from(b[k]), i16::from(c[k]));
+                        let pred = a.min(b).max(a.max(b).min(a + b - c));
+                        row[k] = (pred as u8).wrapping_add(row[k] as u8) as i8;
                     }
                 }
             }
