@@ -141,3 +141,38 @@ fn shard_from_another_store_is_refused() {
     let err = store.targets(2, 0).expect_err("foreign shard").to_string();
     assert!(err.contains("another store"), "{err}");
 }
+
+/// A fitted codec's model is written once: a second run reuses it without
+/// fitting, and of two runs fitting at once the first manifest wins, the
+/// loser removes its own model file and writes with the winner's.
+#[test]
+fn fitted_models_are_reused_and_racing_fits_resolve_to_one() {
+    let fit = |scale: f32| {
+        let sample: Vec<f32> = (0..8 * 20).map(|i| ((i as f32) * 0.37 * scale).sin() + 0.3).collect();
+        PcaModel::fit(&sample, 5, 4, true, (2, 2), 0.99)
+    };
+    let m = manifest(Codec::Pca, 0).with_codec_fit(Some(CodecFit { views: 8, cosine: 0.99, file: String::new(), sha256: String::new() }));
+    let dir = tempfile::tempdir().expect("tmp");
+    let root = dir.path();
+    let err = StoreWriter::create_or_open(root, &m).expect_err("a new pca store needs a fit").to_string();
+    assert!(err.contains("needs a fitted model"), "{err}");
+    let loser_model = fit(1.0).expect("fit");
+    let mut winner_sha = String::new();
+    let w = StoreWriter::create_or_open_fitting(root, &m, || {
+        // another process finishes creating the store meanwhile
+        let other = StoreWriter::create_or_open_fitting(root, &m, || fit(2.0)).expect("winner");
+        winner_sha = other.codec_model().expect("model").sha256().to_owned();
+        Ok::<_, StoreError>(loser_model.clone())
+    })
+    .expect("loser opens the winner's store");
+    assert_ne!(winner_sha, loser_model.sha256());
+    assert_eq!(w.codec_model().expect("model").sha256(), winner_sha);
+    let models: Vec<String> = std::fs::read_dir(root)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("codec-pca-"))
+        .collect();
+    assert_eq!(models, vec![w.manifest().codec_fit.as_ref().expect("fit").file.clone()]);
+    let again = StoreWriter::create_or_open_fitting(root, &m, || -> Result<PcaModel> { panic!("an existing store is not refitted") });
+    assert_eq!(again.expect("reopen").codec_model().expect("model").sha256(), winner_sha);
+}
