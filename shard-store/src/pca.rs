@@ -443,11 +443,16 @@ impl PcaModel {
     /// transposed basis, so it is read from memory once per eight tokens.
     fn project(&self, u: &[f32], c: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            return unsafe { project_avx512(self.dim, &self.mean, &self.basis_t, u, c) };
+        }
+        #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2, checked just above.
             return unsafe { project_avx2(self.dim, &self.mean, &self.basis_t, u, c) };
         }
-        project_impl(self.dim, &self.mean, &self.basis_t, u, c)
+        project_impl::<8>(self.dim, &self.mean, &self.basis_t, u, c)
     }
 
     /// Mean cosine between the unit tokens and their reconstructions at
@@ -734,21 +739,63 @@ fn walk(col: &mut [i8], cls: usize, cols: usize, mut f: impl FnMut(i32, i8) -> O
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn project_avx2(dim: usize, mean: &[f32], basis_t: &[f32], u: &[f32], c: &mut [f32]) {
-    project_impl(dim, mean, basis_t, u, c)
+    project_impl::<8>(dim, mean, basis_t, u, c)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn project_avx512(dim: usize, mean: &[f32], basis_t: &[f32], u: &[f32], c: &mut [f32]) {
+    project_impl::<16>(dim, mean, basis_t, u, c)
+}
+
+/// The projection, blocked for registers: eight tokens by `KB` axes of
+/// accumulators stay in registers while `i` runs over the values. Every
+/// coefficient is still the sum over `i` in order of one product each.
 #[inline(always)]
-fn project_impl(dim: usize, mean: &[f32], basis_t: &[f32], u: &[f32], c: &mut [f32]) {
-    const BLOCK: usize = 8;
-    c.fill(0.0);
-    for (ub, cb) in u.chunks(BLOCK * dim).zip(c.chunks_mut(BLOCK * dim)) {
-        for (i, (row, &m)) in basis_t.chunks_exact(dim).zip(mean).enumerate() {
-            for (ut, ct) in ub.chunks_exact(dim).zip(cb.chunks_exact_mut(dim)) {
-                let d = ut[i] - m;
-                for (ck, &b) in ct.iter_mut().zip(row) {
-                    *ck += d * b;
+fn project_impl<const KB: usize>(dim: usize, mean: &[f32], basis_t: &[f32], u: &[f32], c: &mut [f32]) {
+    const TB: usize = 8;
+    let tokens = u.len() / dim;
+    let (full_t, full_k) = (tokens / TB * TB, dim / KB * KB);
+    let mut d = vec![0f32; TB * dim];
+    for t0 in (0..full_t).step_by(TB) {
+        for (dt, ut) in d.chunks_exact_mut(dim).zip(u[t0 * dim..].chunks_exact(dim)) {
+            for ((x, &v), &m) in dt.iter_mut().zip(ut).zip(mean) {
+                *x = v - m;
+            }
+        }
+        for k0 in (0..full_k).step_by(KB) {
+            let mut acc = [[0f32; KB]; TB];
+            for i in 0..dim {
+                let row: &[f32; KB] = basis_t[i * dim + k0..i * dim + k0 + KB].try_into().expect("KB values");
+                for (a, dt) in acc.iter_mut().zip(d.chunks_exact(dim)) {
+                    let x = dt[i];
+                    for (al, &b) in a.iter_mut().zip(row) {
+                        *al += x * b;
+                    }
                 }
             }
+            for (t, a) in acc.iter().enumerate() {
+                c[(t0 + t) * dim + k0..(t0 + t) * dim + k0 + KB].copy_from_slice(a);
+            }
+        }
+        // the axes past the last whole block
+        for t in t0..t0 + TB {
+            project_plain(dim, mean, basis_t, &u[t * dim..(t + 1) * dim], &mut c[t * dim..(t + 1) * dim], full_k);
+        }
+    }
+    for t in full_t..tokens {
+        project_plain(dim, mean, basis_t, &u[t * dim..(t + 1) * dim], &mut c[t * dim..(t + 1) * dim], 0);
+    }
+}
+
+/// Coefficients `from..dim` of one token, the reference order.
+#[inline(always)]
+fn project_plain(dim: usize, mean: &[f32], basis_t: &[f32], u: &[f32], c: &mut [f32], from: usize) {
+    c[from..].fill(0.0);
+    for (i, (&x, &m)) in u.iter().zip(mean).enumerate() {
+        let d = x - m;
+        for (ck, &b) in c[from..].iter_mut().zip(&basis_t[i * dim + from..(i + 1) * dim]) {
+            *ck += d * b;
         }
     }
 }
@@ -856,7 +903,7 @@ mod tests {
             let mut u = t.to_vec();
             normalise(&mut u);
             let mut p = vec![0f32; dim];
-            project_impl(dim, m.mean(), &m.basis_t, &u, &mut p);
+            project_plain(dim, m.mean(), &m.basis_t, &u, &mut p, 0);
             for (a, b) in p.iter().zip(ct) {
                 assert_eq!(f32::from(quantise(a / m.step())) * m.step(), *b);
             }
@@ -875,6 +922,39 @@ mod tests {
         bad[n - 2] ^= 0x40; // a frequency: the table no longer sums to 4096
         assert!(PcaModel::from_bytes(p, &bad).expect_err("damaged table").to_string().contains("frequency table"));
         assert!(PcaModel::from_bytes(p, &bad[..n - 1]).is_err());
+    }
+
+    /// The blocked projections (AVX-512, AVX2 or neither, whichever this
+    /// CPU takes) give the reference order's bits, tails included.
+    #[test]
+    fn blocked_projection_equals_the_reference_order() {
+        let (dim, tokens) = (40, 21);
+        let m = PcaModel::fit(&views(12, 4, 5, dim, 6), tokens, dim, true, (4, 5), 0.99).expect("fit");
+        let u: Vec<f32> = (0..tokens * dim).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3).collect();
+        let mut reference = vec![0f32; u.len()];
+        for (ut, ct) in u.chunks_exact(dim).zip(reference.chunks_exact_mut(dim)) {
+            project_plain(dim, m.mean(), &m.basis_t, ut, ct, 0);
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for c in [
+            {
+                let mut c = vec![0f32; u.len()];
+                m.project(&u, &mut c);
+                c
+            },
+            {
+                let mut c = vec![0f32; u.len()];
+                project_impl::<8>(dim, m.mean(), &m.basis_t, &u, &mut c);
+                c
+            },
+            {
+                let mut c = vec![0f32; u.len()];
+                project_impl::<16>(dim, m.mean(), &m.basis_t, &u, &mut c);
+                c
+            },
+        ] {
+            assert_eq!(bits(&c), bits(&reference));
+        }
     }
 
     #[test]
