@@ -157,6 +157,7 @@ impl ShardWriter {
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{name}."))
             .suffix(".tmp")
+            .permissions(crate::store::file_permissions())
             .tempfile_in(dir)
             .map_err(io(dir, "create temporary shard"))?;
         let mut out = BufWriter::with_capacity(1 << 20, tmp);

@@ -122,6 +122,22 @@ pub fn check_local(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Permissions of every file a store writes: `0666` less the process's
+/// umask, as `File::create` would give (temporary files are created `0600`,
+/// which would hide a store from the other users of a shared file system).
+pub(crate) fn file_permissions() -> std::fs::Permissions {
+    use std::os::unix::fs::PermissionsExt;
+    static UMASK: OnceLock<u32> = OnceLock::new();
+    // read, not set: umask(2) would change it for every thread meanwhile
+    let umask = *UMASK.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Umask:").and_then(|v| u32::from_str_radix(v.trim(), 8).ok())))
+            .unwrap_or(0o022)
+    });
+    std::fs::Permissions::from_mode(0o666 & !umask)
+}
+
 /// fsync a directory so that renames inside it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir, "fsync folder"))
@@ -149,8 +165,12 @@ enum Replace {
 fn atomic_write(path: &Path, replace: Replace, fill: impl FnOnce(&File) -> Result<()>) -> Result<Option<u64>> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp =
-        tempfile::Builder::new().prefix(&format!(".{name}.")).suffix(".tmp").tempfile_in(dir).map_err(io(dir, "create temporary file"))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .permissions(file_permissions())
+        .tempfile_in(dir)
+        .map_err(io(dir, "create temporary file"))?;
     fill(tmp.as_file())?;
     tmp.as_file().sync_all().map_err(io(path, "fsync"))?;
     let len = tmp.as_file().metadata().map_err(io(path, "stat"))?.len();

@@ -176,3 +176,25 @@ fn fitted_models_are_reused_and_racing_fits_resolve_to_one() {
     let again = StoreWriter::create_or_open_fitting(root, &m, || -> Result<PcaModel> { panic!("an existing store is not refitted") });
     assert_eq!(again.expect("reopen").codec_model().expect("model").sha256(), winner_sha);
 }
+
+/// Store files are readable by whoever the umask lets read them (a shared
+/// store on a cluster file system), not only by their writer.
+#[test]
+fn store_files_follow_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let umask = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Umask:").and_then(|v| u32::from_str_radix(v.trim(), 8).ok())))
+        .expect("umask");
+    let dir = tempfile::tempdir().expect("tmp");
+    fill(dir.path(), &manifest(Codec::F16, 0));
+    for f in [
+        dir.path().join("manifest.json"),
+        dir.path().join("shards/shard-00000.bin"),
+        dir.path().join("index/shard-00000.parquet"),
+        dir.path().join("done/shard-00000.json"),
+    ] {
+        let mode = std::fs::metadata(&f).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666 & !umask, "{}", f.display());
+    }
+}
