@@ -2,6 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Result, StoreError};
+use crate::pca::PcaModel;
+
 /// A target codec. The numeric id is written in every shard header.
 ///
 /// New codecs get new ids; a reader that meets an unknown id refuses the
@@ -135,6 +138,23 @@ impl Codec {
             }
             Codec::Pca => panic!("the pca codec encodes with its fitted model (PcaModel::encode)"),
         }
+    }
+
+    /// [`Codec::encode`] for every codec: `pca` is the store's fitted model,
+    /// which [`Codec::Pca`] encodes with.
+    ///
+    /// # Errors
+    /// [`StoreError::OutOfRange`] for [`Codec::Pca`] without its model.
+    ///
+    /// # Panics
+    /// As [`Codec::encode`].
+    pub fn encode_with(self, pca: Option<&PcaModel>, values: &[f32], dim: usize, out: &mut Vec<u8>) -> Result<()> {
+        match (pca, self) {
+            (Some(model), Codec::Pca) => model.encode(values, out),
+            (None, Codec::Pca) => return Err(StoreError::OutOfRange("a pca store needs its fitted model to encode".into())),
+            (_, codec) => codec.encode(values, dim, out),
+        }
+        Ok(())
     }
 
     /// Decode `bytes` (exactly [`Codec::encoded_len`] of `out`'s tokens of

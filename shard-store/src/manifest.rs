@@ -155,6 +155,15 @@ pub struct CodecFit {
     pub sha256: String,
 }
 
+impl CodecFit {
+    /// What a run with `codec` and `fit` asks for (`None` for codecs
+    /// without a fit); the model's file and hash are filled in when the
+    /// store is created.
+    pub fn asked(codec: Codec, fit: crate::pca::PcaFit) -> Option<Self> {
+        codec.needs_fit().then(|| Self { views: fit.views, cosine: fit.cosine, file: String::new(), sha256: String::new() })
+    }
+}
+
 /// The manifest of a store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {

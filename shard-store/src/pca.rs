@@ -28,6 +28,7 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Result, StoreError};
+use crate::manifest::TeacherInfo;
 
 /// Magic bytes at the start of a model file.
 pub const PCA_MAGIC: [u8; 8] = *b"CAEV2PCA";
@@ -239,9 +240,9 @@ impl PcaModel {
             }
             variance[k] = eig.eigenvalues[e].max(0.0) as f32;
         }
-        let mut model =
-            Self::assemble(tokens, dim, has_cls, grid, 1.0, 0.0, n_views as u64, mean, variance, basis, vec![[0; SYMBOLS]; dim])
-                .expect("placeholder tables are not used");
+        // the axes alone first (no tables yet), to project with the encoder's arithmetic
+        let mut model = Self::assemble(tokens, dim, has_cls, grid, 1.0, 0.0, n_views as u64, mean, variance, basis, Vec::new())
+            .expect("no tables to check");
         // coefficients of the sample, with the encoder's own arithmetic
         let mut coef = vec![0f32; unit.len()];
         model.project(&unit, &mut coef);
@@ -265,6 +266,15 @@ impl PcaModel {
         Ok(model)
     }
 
+    /// [`PcaModel::fit`] for `teacher`'s targets (its tokens, dims and grid).
+    ///
+    /// # Errors
+    /// As [`PcaModel::fit`].
+    pub fn fit_teacher(sample: &[f32], teacher: &TeacherInfo, cosine: f32) -> Result<Self> {
+        let g = teacher.grid;
+        Self::fit(sample, teacher.tokens as usize, teacher.dim as usize, teacher.has_cls, (g[0] as usize, g[1] as usize), cosine)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn assemble(
         tokens: usize,
@@ -279,8 +289,7 @@ impl PcaModel {
         basis: Vec<f32>,
         freqs: Vec<[u16; SYMBOLS]>,
     ) -> Option<Self> {
-        let placeholder = freqs.iter().all(|f| f.iter().all(|&x| x == 0));
-        let tables = if placeholder { Vec::new() } else { freqs.iter().map(|&f| Table::new(f)).collect::<Option<Vec<_>>>()? };
+        let tables = freqs.iter().map(|&f| Table::new(f)).collect::<Option<Vec<_>>>()?;
         let mut basis_t = vec![0f32; dim * dim];
         for k in 0..dim {
             for i in 0..dim {

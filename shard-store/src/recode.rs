@@ -51,9 +51,8 @@ pub fn recode(src: &Store, dst: &Path, codec: Codec, fit: PcaFit, mut progress: 
             return Err(StoreError::Incomplete { store: src.paths().root().to_owned(), what: format!("shard {s} is not complete") });
         }
     }
-    let settings = codec.needs_fit().then(|| CodecFit { views: fit.views, cosine: fit.cosine, file: String::new(), sha256: String::new() });
     let manifest = Manifest::new(m.teacher.clone(), m.views.clone(), codec, m.dataset.clone(), m.layout.clone(), m.created_by.clone())
-        .with_codec_fit(settings);
+        .with_codec_fit(CodecFit::asked(codec, fit));
     let k = m.views.views_per_image;
     let out = StoreWriter::create_or_open_fitting(dst, &manifest, || {
         let mut sample = Vec::new();
@@ -64,15 +63,7 @@ pub fn recode(src: &Store, dst: &Path, codec: Codec, fit: PcaFit, mut progress: 
                 }
             }
         }
-        let g = m.teacher.grid;
-        PcaModel::fit(
-            &sample,
-            m.teacher.tokens as usize,
-            m.teacher.dim as usize,
-            m.teacher.has_cls,
-            (g[0] as usize, g[1] as usize),
-            fit.cosine,
-        )
+        PcaModel::fit_teacher(&sample, &m.teacher, fit.cosine)
     })?;
     let mut done = Recoded::default();
     for s in 0..m.layout.num_shards {

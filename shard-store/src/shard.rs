@@ -206,12 +206,7 @@ impl ShardWriter {
         if values.len() != expected {
             return Err(StoreError::OutOfRange(format!("record has {} values, the shard expects {expected}", values.len())));
         }
-        match (&self.pca, self.header.codec) {
-            (Some(model), Codec::Pca) => model.encode(values, out),
-            (None, Codec::Pca) => return Err(StoreError::OutOfRange("a pca shard needs its store's fitted model to encode".into())),
-            (_, codec) => codec.encode(values, self.header.dim as usize, out),
-        }
-        Ok(())
+        self.header.codec.encode_with(self.pca.as_deref(), values, self.header.dim as usize, out)
     }
 
     /// Store a record made by [`ShardWriter::encode_into`] in `slot`.

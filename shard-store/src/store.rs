@@ -594,13 +594,14 @@ impl Store {
         }
         let (shard, slot) = m.layout.slot(image_id, view, m.views.views_per_image);
         let shard = self.shard(shard)?;
-        Ok(shard.record_checked(slot)?.map(|bytes| TargetsRef {
-            bytes,
-            codec: m.codec,
-            tokens: m.teacher.tokens as usize,
-            dim: m.teacher.dim as usize,
-            pca: self.pca.as_deref(),
-        }))
+        Ok(shard.record_checked(slot)?.map(|bytes| self.targets_of(bytes)))
+    }
+
+    /// Decoded access to `bytes`, a record of this store read by other means
+    /// (e.g. [`ShardReader::record`] while verifying).
+    pub fn targets_of<'a>(&'a self, bytes: &'a [u8]) -> TargetsRef<'a> {
+        let m = &self.manifest;
+        TargetsRef { bytes, codec: m.codec, tokens: m.teacher.tokens as usize, dim: m.teacher.dim as usize, pca: self.pca.as_deref() }
     }
 
     /// Rows of shard `s`'s index part, after checking the part's bytes

@@ -430,7 +430,7 @@ fn write_stage(rx: Receiver<Msg<'_>>, cfg: &ExtractConfig, manifest: &Manifest, 
 /// teacher in batches. Those views are computed again with their shards;
 /// at ImageNet scale the fit costs ~0.01 % of the run.
 fn fit_codec(d: &Decode<'_>, teacher: &mut Teacher, manifest: &Manifest, per_view: usize) -> Result<PcaModel> {
-    let (cfg, t) = (d.cfg, &manifest.teacher);
+    let cfg = d.cfg;
     let ids = fit_sample_images(manifest.dataset.num_images, cfg.views, cfg.fit.views);
     if cfg.progress {
         eprintln!(
@@ -469,8 +469,7 @@ fn fit_codec(d: &Decode<'_>, teacher: &mut Teacher, manifest: &Manifest, per_vie
             expected: "a fit sample: none of the sampled images decoded".into(),
         });
     }
-    let g = t.grid;
-    Ok(PcaModel::fit(&sample, t.tokens as usize, t.dim as usize, t.has_cls, (g[0] as usize, g[1] as usize), cfg.fit.cosine)?)
+    Ok(PcaModel::fit_teacher(&sample, &manifest.teacher, cfg.fit.cosine)?)
 }
 
 /// The manifest a run with `cfg` writes, given the loaded teacher and the
@@ -493,12 +492,7 @@ pub fn build_manifest(cfg: &ExtractConfig, teacher: &Teacher, ds: &Dataset) -> M
         Layout::new(ds.files.len() as u64, cfg.images_per_shard),
         format!("caev2 {}", env!("CARGO_PKG_VERSION")),
     )
-    .with_codec_fit(cfg.codec.needs_fit().then(|| CodecFit {
-        views: cfg.fit.views,
-        cosine: cfg.fit.cosine,
-        file: String::new(),
-        sha256: String::new(),
-    }))
+    .with_codec_fit(CodecFit::asked(cfg.codec, cfg.fit))
 }
 
 /// Run an extraction (or resume one).

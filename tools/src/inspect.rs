@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde::Serialize;
 use sha2::Digest;
-use shard_store::{Manifest, Skipped, Store, TargetsRef};
+use shard_store::{Manifest, Skipped, Store};
 
 /// `inspect summary` output.
 #[derive(Debug, Serialize)]
@@ -246,14 +246,7 @@ fn verify_shard(store: &Store, s: u32) -> ShardCheck {
             problems.push(p(Some(e.offset), format!("image {} view {}: index and shard table disagree", row.image_id, row.view)));
         }
         if let Some(bytes) = reader.record(slot) {
-            let t = TargetsRef {
-                bytes,
-                codec: m.codec,
-                tokens: m.teacher.tokens as usize,
-                dim: m.teacher.dim as usize,
-                pca: store.codec_model().map(|p| &**p),
-            };
-            if !t.decode_for_training(&mut values) {
+            if !store.targets_of(bytes).decode_for_training(&mut values) {
                 problems.push(p(Some(e.offset), format!("image {} view {}: the record does not decode", row.image_id, row.view)));
             } else if values.iter().any(|x| !x.is_finite()) {
                 problems.push(p(Some(e.offset), format!("image {} view {}: non-finite target values", row.image_id, row.view)));
@@ -627,10 +620,7 @@ pub fn compare(a: &Path, b: &Path) -> Result<Comparison> {
         }
         let t = Instant::now();
         scratch.clear();
-        match sb.codec_model() {
-            Some(model) => model.encode(std::hint::black_box(&x), &mut scratch),
-            None => mb.codec.encode(std::hint::black_box(&x), d, &mut scratch),
-        }
+        mb.codec.encode_with(sb.codec_model().map(|p| &**p), std::hint::black_box(&x), d, &mut scratch)?;
         encode_b += t.elapsed();
         views += 1;
         for (p, q) in x.chunks(d).zip(y.chunks(d)) {
