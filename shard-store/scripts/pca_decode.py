@@ -14,13 +14,14 @@ import sys
 
 import numpy as np
 
-L = 1 << 23
+L = 1 << 16
+LANES = 64
 
 
 def load_model(store):
     manifest = json.load(open(f"{store}/manifest.json"))
     b = open(f"{store}/{manifest['codec_fit']['file']}", "rb").read()
-    assert b[:8] == b"CAEV2PCA" and struct.unpack_from("<I", b, 8)[0] == 1
+    assert b[:8] == b"CAEV2PCA" and struct.unpack_from("<I", b, 8)[0] == 2
     t, d, cls, rows, cols = struct.unpack_from("<5I", b, 12)
     off = 48 + 4 * d * (d + 2)
     freqs = np.frombuffer(b, dtype="<u2", count=257 * d, offset=off).reshape(d, 257).astype(np.int64)
@@ -28,30 +29,27 @@ def load_model(store):
 
 
 def decode(rec, t, d, cls, cols, freqs):
-    state = list(struct.unpack_from("<4I", rec, 0))
-    data, pos, j = rec[16:], 0, 0
+    n_esc = struct.unpack_from("<I", rec, 0)[0]
+    state = list(struct.unpack_from(f"<{LANES}I", rec, 4))
+    at = 4 + 4 * LANES
+    escapes = list(rec[at:at + n_esc])
+    words = struct.unpack_from(f"<{(len(rec) - at - n_esc) // 2}H", rec, at + n_esc)
+    pos, j = 0, 0
     q = np.zeros((t, d), dtype=np.int64)
-
-    def symbol(starts, fr):
-        nonlocal pos, j
-        x = state[j % 4]
-        slot = x & 4095
-        s = max(i for i in range(len(starts)) if fr[i] > 0 and starts[i] <= slot)
-        x = fr[s] * (x >> 12) + slot - starts[s]
-        while x < L:
-            x = (x << 8) | data[pos]
-            pos += 1
-        state[j % 4] = x
-        j += 1
-        return s
-
-    uniform = ([16 * i for i in range(256)], [16] * 256)
     for k in range(d):
         fr = list(freqs[k])
         starts = list(np.concatenate([[0], np.cumsum(fr)[:-1]]))
         for tok in range(t):
-            s = symbol(starts, fr)
-            r = symbol(*uniform) if s == 256 else s
+            x = state[j % LANES]
+            slot = x & 4095
+            s = max(i for i in range(257) if fr[i] > 0 and starts[i] <= slot)
+            x = fr[s] * (x >> 12) + slot - starts[s]
+            if x < L:
+                x = (x << 16) | words[pos]
+                pos += 1
+            state[j % LANES] = x
+            j += 1
+            r = escapes.pop(0) if s == 256 else s
             if tok < cls:
                 pred = 0
             else:
@@ -74,7 +72,7 @@ def decode(rec, t, d, cls, cols, freqs):
                     pred = a + bb - c
             v = (pred + r) % 256
             q[tok, k] = v - 256 if v >= 128 else v
-    assert pos == len(data) and state == [L] * 4, "record does not end where it should"
+    assert pos == len(words) and not escapes and state == [L] * LANES, "record does not end where it should"
     return q
 
 

@@ -36,6 +36,19 @@ pub enum StoreError {
         /// Version this build reads.
         supported: u32,
     },
+    /// A codec model file of another version than this build's.
+    #[error(
+        "{path}: codec model version {found} is not supported (this build reads version {supported}); \
+         re-extract, or recode the f32 or f16 store it came from with `caev2 inspect recode`"
+    )]
+    UnsupportedModelVersion {
+        /// The model file.
+        path: PathBuf,
+        /// Version in the file.
+        found: u32,
+        /// Version this build reads.
+        supported: u32,
+    },
     /// The store cannot be used as asked: it was made with other settings.
     #[error("store {store}: {field} differs: the store has {found}, this run asks for {requested}")]
     Incompatible {

@@ -27,6 +27,7 @@ mod grid;
 mod index;
 mod manifest;
 mod pca;
+mod rans;
 mod recode;
 mod shard;
 mod store;

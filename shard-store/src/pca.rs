@@ -13,8 +13,8 @@
 //! 3. each component's integers are predicted from the same component of
 //!    the token's left, upper and upper-left neighbours on the patch grid
 //!    (LOCO-I's median edge detector), and the residuals are entropy coded
-//!    with per-component static frequency tables (rANS, four interleaved
-//!    states, 12-bit frequencies).
+//!    with per-component static frequency tables (rANS with 32 interleaved
+//!    lanes that decode in SIMD, 12-bit frequencies: [`crate::rans`]).
 //!
 //! Decoding gives back the quantised coefficients exactly
 //! ([`PcaModel::decode_coefficients`], cheap), or the reconstructed unit
@@ -29,23 +29,15 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Result, StoreError};
 use crate::manifest::TeacherInfo;
+use crate::rans::{ESC, SYMBOLS, Tables};
 
 /// Magic bytes at the start of a model file.
 pub const PCA_MAGIC: [u8; 8] = *b"CAEV2PCA";
-/// Model file version this build writes and reads.
-pub const PCA_VERSION: u32 = 1;
-/// Bits of the rANS frequency tables (frequencies sum to `2^12`).
-pub const SCALE_BITS: u32 = 12;
-const M: u32 = 1 << SCALE_BITS;
-/// Lower bound of a normalised rANS state.
-const RANS_L: u32 = 1 << 23;
-/// Interleaved rANS states per record.
-pub const STATES: usize = 4;
-/// The escape symbol: a residual the fit sample never showed, followed by
-/// the residual byte under a uniform model.
-const ESC: usize = 256;
-/// Symbols per component table: 256 residuals and the escape.
-const SYMBOLS: usize = 257;
+/// Model file version this build writes and reads. Version 2 records use
+/// 64 interleaved lanes with 16-bit words and raw escapes (decoded in
+/// SIMD); version 1's byte-wise four-state records are refused.
+pub const PCA_VERSION: u32 = 2;
+const M: u32 = 1 << crate::rans::SCALE_BITS;
 /// Fixed part of the model file before the per-component arrays.
 const HEADER_BYTES: usize = 48;
 
@@ -75,71 +67,25 @@ pub fn fit_sample_images(num_images: u64, views_per_image: u32, fit_views: u64) 
     (0..n).map(|j| (u128::from(j) * u128::from(num_images) / u128::from(n)) as u64).collect()
 }
 
-/// Per-component entropy-coding tables.
-#[derive(Debug, Clone)]
-struct Table {
-    /// `freq[s]` for residual bytes `0..256` and the escape (256); sums to `2^12`.
-    freq: [u16; SYMBOLS],
-    /// Cumulative start of each symbol.
-    start: [u16; SYMBOLS],
-    /// For each run of 8 slots (`slot >> 3`), the index in `entries` of
-    /// the symbol holding its first slot: the decoder starts there and
-    /// steps forward while the slot lies past the symbol's end (rarely:
-    /// most runs lie within one symbol). 512 bytes per component, where a
-    /// slot-by-slot table would take 4 KB and fall out of the cache.
-    bucket: [u8; (M >> 3) as usize],
-    /// `[symbol, frequency, start, end]` of the symbols with a non-zero
-    /// frequency, ascending (at most 256; a byte indexes it).
-    entries: Box<[[u16; 4]; 256]>,
-}
-
-impl Table {
-    fn new(freq: [u16; SYMBOLS]) -> Option<Self> {
-        let total: u32 = freq.iter().map(|&f| u32::from(f)).sum();
-        let used: Vec<u16> = (0..SYMBOLS as u16).filter(|&s| freq[s as usize] > 0).collect();
-        let all_residuals = freq[..256].iter().all(|&f| f > 0);
-        // the escape is present exactly when some residual is missing, so
-        // there are at most 256 symbols and a byte indexes them
-        if total != M || (freq[ESC] > 0) == all_residuals || used.len() > 256 {
-            return None;
+/// Frequencies from counts: every seen residual at least 1, the escape 1
+/// when some residual was never seen, the rest in proportion to the
+/// counts, the remainder to the most frequent residual.
+fn frequencies_from_counts(counts: &[u64; 256]) -> [u16; SYMBOLS] {
+    let used = counts.iter().filter(|&&c| c > 0).count() as u64;
+    let esc = u64::from(used < 256);
+    let total: u64 = counts.iter().sum::<u64>().max(1);
+    let spare = u64::from(M) - esc - used;
+    let mut freq = [0u16; SYMBOLS];
+    for (f, &c) in freq.iter_mut().zip(counts) {
+        if c > 0 {
+            *f = (1 + c * spare / total) as u16;
         }
-        let mut start = [0u16; SYMBOLS];
-        let mut bucket = [0u8; (M >> 3) as usize];
-        let mut entries = Box::new([[0u16; 4]; 256]);
-        let mut acc = 0u32;
-        for (i, &s) in used.iter().enumerate() {
-            let f = u32::from(freq[s as usize]);
-            start[s as usize] = acc as u16;
-            entries[i] = [s, f as u16, acc as u16, (acc + f) as u16];
-            // runs whose first slot lies in this symbol
-            for b in acc.div_ceil(8)..(acc + f).div_ceil(8) {
-                bucket[b as usize] = i as u8;
-            }
-            acc += f;
-        }
-        Some(Self { freq, start, bucket, entries })
     }
-
-    /// Frequencies from counts: every seen residual at least 1, the escape 1
-    /// when some residual was never seen, the rest in proportion to the
-    /// counts, the remainder to the most frequent residual.
-    fn from_counts(counts: &[u64; 256]) -> [u16; SYMBOLS] {
-        let used = counts.iter().filter(|&&c| c > 0).count() as u64;
-        let esc = u64::from(used < 256);
-        let total: u64 = counts.iter().sum::<u64>().max(1);
-        let spare = u64::from(M) - esc - used;
-        let mut freq = [0u16; SYMBOLS];
-        for (f, &c) in freq.iter_mut().zip(counts) {
-            if c > 0 {
-                *f = (1 + c * spare / total) as u16;
-            }
-        }
-        freq[ESC] = esc as u16;
-        let sum: u64 = freq.iter().map(|&f| u64::from(f)).sum();
-        let top = (0..256).max_by_key(|&s| (counts[s], std::cmp::Reverse(s))).unwrap_or(0);
-        freq[top] += (u64::from(M) - sum) as u16;
-        freq
-    }
+    freq[ESC] = esc as u16;
+    let sum: u64 = freq.iter().map(|&f| u64::from(f)).sum();
+    let top = (0..256).max_by_key(|&s| (counts[s], std::cmp::Reverse(s))).unwrap_or(0);
+    freq[top] += (u64::from(M) - sum) as u16;
+    freq
 }
 
 /// A fitted `pca` codec (see the module docs).
@@ -158,7 +104,7 @@ pub struct PcaModel {
     basis: Vec<f32>,
     /// The transpose: row `i` holds value `i` of every axis.
     basis_t: Vec<f32>,
-    tables: Vec<Table>,
+    tables: Tables,
     bytes: Vec<u8>,
     sha256: String,
 }
@@ -259,7 +205,7 @@ impl PcaModel {
             }
             model.residuals(&mut qc, |k, r| counts[k][r as usize] += 1);
         }
-        let freqs: Vec<[u16; SYMBOLS]> = counts.iter().map(Table::from_counts).collect();
+        let freqs: Vec<[u16; SYMBOLS]> = counts.iter().map(frequencies_from_counts).collect();
         model =
             Self::assemble(tokens, dim, has_cls, grid, step, fit_cosine, n_views as u64, model.mean, model.variance, model.basis, freqs)
                 .ok_or_else(|| StoreError::OutOfRange("pca fit: frequency tables".into()))?;
@@ -289,7 +235,6 @@ impl PcaModel {
         basis: Vec<f32>,
         freqs: Vec<[u16; SYMBOLS]>,
     ) -> Option<Self> {
-        let tables = freqs.iter().map(|&f| Table::new(f)).collect::<Option<Vec<_>>>()?;
         let mut basis_t = vec![0f32; dim * dim];
         for k in 0..dim {
             for i in 0..dim {
@@ -311,13 +256,14 @@ impl PcaModel {
             bytes.extend_from_slice(&f.to_le_bytes());
         }
         let sha256 = hex::encode(Sha256::digest(&bytes));
+        let tables = Tables::new(freqs)?;
         Some(Self { tokens, dim, has_cls, grid, step, fit_cosine, fit_views, mean, variance, basis, basis_t, tables, bytes, sha256 })
     }
 
     /// Parse a model file's bytes (read from `path`, named in errors).
     ///
     /// # Errors
-    /// [`StoreError::Corrupt`] or [`StoreError::UnsupportedVersion`].
+    /// [`StoreError::Corrupt`] or [`StoreError::UnsupportedModelVersion`].
     pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
         let corrupt = |offset: usize, what: String| StoreError::Corrupt { path: path.to_owned(), offset: offset as u64, what };
         if bytes.len() < HEADER_BYTES || bytes[..8] != PCA_MAGIC {
@@ -326,7 +272,7 @@ impl PcaModel {
         let u32_at = |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
         let f32_at = |o: usize| f32::from_bits(u32_at(o));
         if u32_at(8) != PCA_VERSION {
-            return Err(StoreError::UnsupportedVersion { path: path.to_owned(), found: u32_at(8), supported: PCA_VERSION });
+            return Err(StoreError::UnsupportedModelVersion { path: path.to_owned(), found: u32_at(8), supported: PCA_VERSION });
         }
         let (tokens, dim, cls, rows, cols) =
             (u32_at(12) as usize, u32_at(16) as usize, u32_at(20), u32_at(24) as usize, u32_at(28) as usize);
@@ -355,7 +301,7 @@ impl PcaModel {
             .chunks_exact(2 * SYMBOLS)
             .map(|c| std::array::from_fn(|s| u16::from_le_bytes([c[2 * s], c[2 * s + 1]])))
             .collect();
-        if let Some(k) = freqs.iter().position(|f| Table::new(*f).is_none()) {
+        if let Some(k) = freqs.iter().position(|f| Tables::new(vec![*f]).is_none()) {
             return Err(corrupt(
                 fstart + 2 * SYMBOLS * k,
                 format!("frequency table of component {k} does not sum to {M} or has a wrong escape"),
@@ -439,10 +385,9 @@ impl PcaModel {
     }
 
     /// The largest record [`PcaModel::encode`] can write for `tokens x dim`
-    /// values: the states and at most 20 bits per value (an escape and its
-    /// byte).
+    /// values.
     pub fn max_encoded_len(tokens: usize, dim: usize) -> usize {
-        4 * STATES + (tokens * dim * 5).div_ceil(2) + 4 * STATES
+        Tables::max_encoded_len(tokens * dim)
     }
 
     /// Coefficients of unit tokens `u` (`n x dim`) into `c`:
@@ -542,34 +487,9 @@ impl PcaModel {
                 qc[k * self.tokens + t] = quantise(ci * inv);
             }
         }
-        // the (start, frequency) of every coded symbol, in decoding order
-        let mut syms: Vec<(u16, u16)> = Vec::with_capacity(values.len() + 16);
-        self.residuals(&mut qc, |k, r| {
-            let tb = &self.tables[k];
-            let r = usize::from(r);
-            if tb.freq[r] > 0 {
-                syms.push((tb.start[r], tb.freq[r]));
-            } else {
-                syms.push((tb.start[ESC], tb.freq[ESC]));
-                syms.push((r as u16 * 16, 16));
-            }
-        });
-        let mut state = [RANS_L; STATES];
-        let mut rev: Vec<u8> = Vec::with_capacity(syms.len());
-        for (j, &(start, freq)) in syms.iter().enumerate().rev() {
-            let x = &mut state[j % STATES];
-            let f = u32::from(freq);
-            let x_max = ((RANS_L >> SCALE_BITS) << 8) * f;
-            while *x >= x_max {
-                rev.push(*x as u8);
-                *x >>= 8;
-            }
-            *x = ((*x / f) << SCALE_BITS) + (*x % f) + u32::from(start);
-        }
-        for s in state {
-            out.extend_from_slice(&s.to_le_bytes());
-        }
-        out.extend(rev.iter().rev());
+        let mut residuals = Vec::with_capacity(values.len());
+        self.residuals(&mut qc, |_, r| residuals.push(r));
+        self.tables.encode(&residuals, self.tokens, out);
     }
 
     /// Decode a record into the quantised coefficients, `q * step`
@@ -580,9 +500,23 @@ impl PcaModel {
         if out.len() != q.len() || !self.decode_q(bytes, &mut q) {
             return false;
         }
-        for (x, &v) in out.iter_mut().zip(&q) {
-            *x = f32::from(v) * self.step;
+        let step = self.step;
+        let convert = |out: &mut [f32], q: &[i8]| {
+            for (x, &v) in out.iter_mut().zip(q) {
+                *x = f32::from(v) * step;
+            }
+        };
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            #[target_feature(enable = "avx512f")]
+            fn wide(out: &mut [f32], q: &[i8], convert: impl Fn(&mut [f32], &[i8])) {
+                convert(out, q)
+            }
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            unsafe { wide(out, &q, convert) };
+            return true;
         }
+        convert(out, &q);
         true
     }
 
@@ -607,77 +541,126 @@ impl PcaModel {
         true
     }
 
-    /// The rANS decoder (FORMAT.md) into token-major `q` (`tokens x dim`).
+    /// Decode a record (FORMAT.md) into token-major `q` (`tokens x dim`).
     fn decode_q(&self, bytes: &[u8], q: &mut [i8]) -> bool {
-        let Some((head, data)) = bytes.split_first_chunk::<{ 4 * STATES }>() else { return false };
-        let mut state: [u32; STATES] =
-            std::array::from_fn(|i| u32::from_le_bytes([head[4 * i], head[4 * i + 1], head[4 * i + 2], head[4 * i + 3]]));
-        if state.iter().any(|&s| s < RANS_L) {
+        // the residuals, component-major (the coding order), then moved
+        // token-major, then the predictions added token by token, every
+        // component at once (the same values as `walk`, in an order that
+        // vectorises)
+        let (tokens, dim) = (self.tokens, self.dim);
+        let mut residuals = vec![0u8; tokens * dim];
+        if !self.tables.decode(bytes, tokens, &mut residuals) {
             return false;
         }
-        // pass 1: the residual bytes (the rANS chains only); pass 2: the
-        // predictions (a separate dependency chain through the grid)
-        // The four states rotate through `x`: the current one is always
-        // `x[0]`, so they live in registers rather than in an array indexed
-        // by the symbol count.
-        let mut pos = 0usize;
-        let mut x = state;
-        let dim = self.dim;
-        for (k, tb) in self.tables.iter().enumerate() {
-            for r in q[k..].iter_mut().step_by(dim) {
-                let slot = x[0] & (M - 1);
-                let mut i = usize::from(tb.bucket[(slot >> 3) as usize]);
-                // one step without a branch covers nearly every slot; the
-                // loop ends at the last used symbol at the latest (its end is 4096)
-                i += usize::from(slot >= u32::from(tb.entries[i & 255][3]));
-                while slot >= u32::from(tb.entries[i & 255][3]) {
-                    i += 1;
-                }
-                let [sym, freq, start, _] = tb.entries[i & 255];
-                if rans_advance(&mut x[0], u32::from(freq), u32::from(start), slot, data, &mut pos).is_none() {
-                    return false;
-                }
-                x = [x[1], x[2], x[3], x[0]];
-                *r = if usize::from(sym) == ESC {
-                    let slot = x[0] & (M - 1);
-                    let byte = slot >> 4;
-                    if rans_advance(&mut x[0], 16, byte * 16, slot, data, &mut pos).is_none() {
-                        return false;
-                    }
-                    x = [x[1], x[2], x[3], x[0]];
-                    byte as u8 as i8
-                } else {
-                    sym as u8 as i8
-                };
-            }
-        }
-        state = x;
-        // the predictions token by token, every component at once (the
-        // same values as `walk`, in an order that vectorises)
+        transpose(&residuals, dim, tokens, q);
         let (cls, cols) = (usize::from(self.has_cls), self.grid.1);
-        for t in cls..self.tokens {
-            let p = t - cls;
-            let (y, x) = (p / cols, p % cols);
-            let (done, rest) = q.split_at_mut(t * dim);
-            let row = &mut rest[..dim];
-            let at = |tt: usize| &done[tt * dim..(tt + 1) * dim];
-            match (y, x) {
-                (0, 0) => {}
-                (0, _) => add_prediction(row, at(t - 1)),
-                (_, 0) => add_prediction(row, at(t - cols)),
-                _ => {
-                    let (a, b, c) = (at(t - 1), at(t - cols), at(t - cols - 1));
-                    // in 16-bit lanes (a + b - c fits), which vectorise
-                    for k in 0..dim {
-                        let (a, b, c) = (i16::from(a[k]), i16::from(b[k]), i16::from(c[k]));
-                        let pred = a.min(b).max(a.max(b).min(a + b - c));
-                        row[k] = (pred as u8).wrapping_add(row[k] as u8) as i8;
-                    }
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512bw") {
+            #[target_feature(enable = "avx512f,avx512bw")]
+            fn wide(q: &mut [i8], dim: usize, cls: usize, cols: usize) {
+                add_predictions(q, dim, cls, cols)
+            }
+            // SAFETY: the CPU supports AVX-512BW, checked just above.
+            unsafe { wide(q, dim, cls, cols) };
+            return true;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            #[target_feature(enable = "avx2")]
+            fn wide(q: &mut [i8], dim: usize, cls: usize, cols: usize) {
+                add_predictions(q, dim, cls, cols)
+            }
+            // SAFETY: the CPU supports AVX2, checked just above.
+            unsafe { wide(q, dim, cls, cols) };
+            return true;
+        }
+        add_predictions(q, dim, cls, cols);
+        true
+    }
+}
+
+/// `dst[c * rows + r] = src[r * cols + c]` for a `rows x cols` byte matrix
+/// `src`, in 8 x 8 blocks (each transposed in three rounds of 64-bit
+/// masks and shifts), the edges byte by byte.
+fn transpose(src: &[u8], rows: usize, cols: usize, dst: &mut [i8]) {
+    let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
+    for r0 in (0..r8).step_by(8) {
+        for c0 in (0..c8).step_by(8) {
+            let mut x = [0u64; 8];
+            for (i, xi) in x.iter_mut().enumerate() {
+                let at = (r0 + i) * cols + c0;
+                *xi = u64::from_le_bytes(src[at..at + 8].try_into().expect("8 bytes"));
+            }
+            // swap 4x4 blocks of bytes, then 2x2, then single bytes
+            for (shift, mask, stride) in
+                [(32u32, 0x0000_0000_ffff_ffffu64, 4usize), (16, 0x0000_ffff_0000_ffff, 2), (8, 0x00ff_00ff_00ff_00ff, 1)]
+            {
+                for i in (0..8).filter(|i| i & stride == 0) {
+                    let (a, b) = (x[i], x[i + stride]);
+                    x[i] = (a & mask) | ((b & mask) << shift);
+                    x[i + stride] = ((a >> shift) & mask) | (b & !mask);
+                }
+            }
+            for (i, xi) in x.iter().enumerate() {
+                let at = (c0 + i) * rows + r0;
+                for (d, b) in dst[at..at + 8].iter_mut().zip(xi.to_le_bytes()) {
+                    *d = b as i8;
                 }
             }
         }
-        pos == data.len() && state.iter().all(|&s| s == RANS_L)
     }
+    for r in 0..rows {
+        let from = if r < r8 { c8 } else { 0 };
+        for c in from..cols {
+            dst[c * rows + r] = src[r * cols + c] as i8;
+        }
+    }
+}
+
+/// Turn token-major residuals `q` (`tokens x dim`) into values, token by
+/// token, every component at once: the predictions of `walk` (left on the
+/// first row, upper in the first column, the median edge detector
+/// elsewhere, in 16-bit lanes where `a + b - c` fits).
+#[inline(always)]
+fn add_predictions(q: &mut [i8], dim: usize, cls: usize, cols: usize) {
+    let tokens = q.len() / dim;
+    for t in cls..tokens {
+        let p = t - cls;
+        let (y, x) = (p / cols, p % cols);
+        let (done, rest) = q.split_at_mut(t * dim);
+        let row = &mut rest[..dim];
+        let at = |tt: usize| &done[tt * dim..(tt + 1) * dim];
+        match (y, x) {
+            (0, 0) => {}
+            (0, _) => add_prediction(row, at(t - 1)),
+            (_, 0) => add_prediction(row, at(t - cols)),
+            _ => {
+                let (a, b, c) = (at(t - 1), at(t - cols), at(t - cols - 1));
+                // fixed-size blocks (so that the compiler vectorises), then the tail
+                const W: usize = 64;
+                let whole = dim / W * W;
+                for k0 in (0..whole).step_by(W) {
+                    let r: &mut [i8; W] = (&mut row[k0..k0 + W]).try_into().expect("W values");
+                    let (a, b, c) = (&a[k0..k0 + W], &b[k0..k0 + W], &c[k0..k0 + W]);
+                    for k in 0..W {
+                        r[k] = med_add(a[k], b[k], c[k], r[k]);
+                    }
+                }
+                for k in whole..dim {
+                    row[k] = med_add(a[k], b[k], c[k], row[k]);
+                }
+            }
+        }
+    }
+}
+
+/// The median edge detector's prediction from `a`, `b`, `c` plus the
+/// residual `r` (wrapping bytes), in 16-bit lanes (`a + b - c` fits).
+#[inline(always)]
+fn med_add(a: i8, b: i8, c: i8, r: i8) -> i8 {
+    let (a, b, c) = (i16::from(a), i16::from(b), i16::from(c));
+    let pred = a.min(b).max(a.max(b).min(a + b - c));
+    (pred as u8).wrapping_add(r as u8) as i8
 }
 
 /// `row[k] = pred[k] + row[k]` (wrapping bytes), the residuals becoming values.
@@ -686,28 +669,6 @@ fn add_prediction(row: &mut [i8], pred: &[i8]) {
     for (r, &p) in row.iter_mut().zip(pred) {
         *r = (p as u8).wrapping_add(*r as u8) as i8;
     }
-}
-
-/// One rANS decoding step past a symbol `(start, freq)` found at `slot`,
-/// then renormalisation from `data`; `None` when the data runs out.
-#[inline(always)]
-fn rans_advance(x: &mut u32, freq: u32, start: u32, slot: u32, data: &[u8], pos: &mut usize) -> Option<()> {
-    *x = freq * (*x >> SCALE_BITS) + slot - start;
-    // x >= 2^11 here (x >= L before, freq >= 1), so at most two bytes
-    // come in: without a branch on the (unpredictable) count
-    if let Some(&[hi, lo]) = data.get(*pos..*pos + 2) {
-        let n = u32::from(*x < RANS_L) + u32::from(*x < (RANS_L >> 8));
-        let two = (u32::from(hi) << 8) | u32::from(lo);
-        // n = 2: x < 2^15, n = 1: x < 2^23, so the shift keeps every bit
-        *x = (*x << (8 * n)) | (two >> (8 * (2 - n)));
-        *pos += n as usize;
-        return Some(());
-    }
-    while *x < RANS_L {
-        *x = (*x << 8) | u32::from(*data.get(*pos)?);
-        *pos += 1;
-    }
-    Some(())
 }
 
 /// Walk one component's values `col` (all tokens, in order) with their
@@ -971,6 +932,20 @@ mod tests {
         assert_eq!(fit_sample_images(10, 2, 6), vec![0, 3, 6]);
         assert_eq!(fit_sample_images(3, 10, 1000), vec![0, 1, 2]);
         assert_eq!(fit_sample_images(5, 1, 0), vec![0]);
+    }
+
+    #[test]
+    fn transpose_equals_the_plain_loop() {
+        for (rows, cols) in [(16, 24), (384, 197), (5, 3), (9, 17), (8, 8)] {
+            let src: Vec<u8> = (0..rows * cols).map(|i| (i * 37 % 251) as u8).collect();
+            let mut dst = vec![0i8; rows * cols];
+            transpose(&src, rows, cols, &mut dst);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(dst[c * rows + r] as u8, src[r * cols + c], "{rows}x{cols} at {r},{c}");
+                }
+            }
+        }
     }
 
     #[test]
