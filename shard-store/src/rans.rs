@@ -9,8 +9,8 @@
 //! through the escape symbol and is stored raw in a side array, so that
 //! every lane decodes exactly one symbol per step (lockstep SIMD).
 //!
-//! The AVX-512 decoder (with VBMI2, for expanding the words) runs 16 lanes
-//! per vector, four vectors per group: four independent dependency chains,
+//! The AVX-512 decoder (F, BW and VL: Skylake-X, Ice Lake, Sapphire Rapids,
+//! Zen 4 and later) runs 16 lanes per vector, four vectors per group: four independent dependency chains,
 //! which is what it takes to hide the latency of a step (64 lanes decode
 //! 1.6x faster than 32 on a DINOv2 store). The scalar decoder is the
 //! reference and is used on other CPUs. Both give the same bytes (tested).
@@ -51,9 +51,10 @@ pub struct Tables {
     /// Per context, the smallest byte without a frequency (it stands for
     /// the escape in decoded output), or 256 when there is no escape.
     marker: Vec<u16>,
-    /// Per context, whether it has at most 32 symbols ...
-    small: Vec<bool>,
-    /// ... and then their ends (`start + freq`), ascending, padded with 4096.
+    /// Per context, the number of symbols with a frequency ...
+    symbols: Vec<u16>,
+    /// ... and the ends (`start + freq`) of the first 32, ascending,
+    /// padded with 4096.
     small_ends: Vec<[u32; 32]>,
 }
 
@@ -66,7 +67,7 @@ impl Tables {
         let mut bucket = vec![0u8; n * BUCKETS + 4];
         let mut entries = vec![0u32; n * 256];
         let mut marker = vec![256u16; n];
-        let mut small = vec![false; n];
+        let mut symbols = vec![0u16; n];
         let mut small_ends = vec![[M; 32]; n];
         for (c, f) in freq.iter().enumerate() {
             let total: u32 = f.iter().map(|&x| u32::from(x)).sum();
@@ -93,12 +94,12 @@ impl Tables {
             // `used` has at most 256 symbols: the escape replaces a byte
             let last = e[used.len() - 1];
             e[used.len()..].fill(last);
-            small[c] = used.len() <= 32;
+            symbols[c] = used.len() as u16;
             for (end, &entry) in small_ends[c].iter_mut().zip(&e[..used.len()]) {
                 *end = (entry & 0xfff) + ((entry >> 12) & 0xfff);
             }
         }
-        Some(Self { freq, start, bucket, entries, marker, small, small_ends })
+        Some(Self { freq, start, bucket, entries, marker, symbols, small_ends })
     }
 
     /// The frequencies of context `c`.
@@ -154,8 +155,6 @@ impl Tables {
         if std::is_x86_feature_detected!("avx512f")
             && std::is_x86_feature_detected!("avx512bw")
             && std::is_x86_feature_detected!("avx512vl")
-            && std::is_x86_feature_detected!("avx512vbmi2")
-            && std::is_x86_feature_detected!("bmi2")
             && std::is_x86_feature_detected!("popcnt")
         {
             // SAFETY: the CPU has the features, checked just above.
@@ -242,7 +241,7 @@ fn decode_scalar(t: &Tables, state: &mut [u32; LANES], words: &[u8], run: usize,
 
 /// The SIMD decoder: 16 lanes per vector, four vectors (one group of 64)
 /// per step; lanes that need a word get consecutive words by one
-/// expanding load, in lane order.
+/// masked load and an expand, in lane order.
 ///
 /// A vector's 16 symbols lie in one context, or two where a run ends. A
 /// context with at most 32 symbols (most: the residuals are peaked) keeps
@@ -252,9 +251,9 @@ fn decode_scalar(t: &Tables, state: &mut [u32; LANES], words: &[u8], run: usize,
 /// the scalar decoder.
 ///
 /// # Safety
-/// The CPU must support AVX-512F, AVX-512BW, AVX-512VL, AVX-512VBMI2, BMI2 and POPCNT.
+/// The CPU must support AVX-512F, AVX-512BW, AVX-512VL and POPCNT.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi2,bmi2,popcnt")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,popcnt")]
 unsafe fn decode_avx512(t: &Tables, state: &mut [u32; LANES], words: &[u8], run: usize, out: &mut [u8]) -> Option<usize> {
     use std::arch::x86_64::*;
     const V: usize = LANES / 16;
@@ -270,18 +269,21 @@ unsafe fn decode_avx512(t: &Tables, state: &mut [u32; LANES], words: &[u8], run:
     // the entry of each lane's symbol in context `c`, searched in registers
     let search = |c: usize, slot: __m512i| {
         let (ends, ent) = (t.small_ends[c].as_ptr(), t.entries[c * 256..].as_ptr());
-        // SAFETY: `small_ends[c]` holds 32 u32s, `entries` 256 per context.
-        let (e0, e1, n0, n1) = unsafe {
-            (
-                _mm512_loadu_si512(ends.cast()),
-                _mm512_loadu_si512(ends.add(16).cast()),
-                _mm512_loadu_si512(ent.cast()),
-                _mm512_loadu_si512(ent.add(16).cast()),
-            )
-        };
         // i = the number of symbol ends <= slot (ends ascend; past the used
-        // symbols they are 4096, above every slot)
+        // symbols they are 4096, above every slot): a binary search over
+        // one register of ends (at most 16 symbols) or two
+        // SAFETY: `small_ends[c]` holds 32 u32s, `entries` 256 per context.
+        let (e0, n0) = unsafe { (_mm512_loadu_si512(ends.cast()), _mm512_loadu_si512(ent.cast())) };
         let mut i = _mm512_setzero_si512();
+        if t.symbols[c] <= 16 {
+            for stride in [8, 4, 2, 1] {
+                let probe = _mm512_permutexvar_epi32(_mm512_add_epi32(i, _mm512_set1_epi32(stride - 1)), e0);
+                i = _mm512_mask_add_epi32(i, _mm512_cmpge_epu32_mask(slot, probe), i, _mm512_set1_epi32(stride));
+            }
+            return _mm512_permutexvar_epi32(i, n0);
+        }
+        // SAFETY: as above.
+        let (e1, n1) = unsafe { (_mm512_loadu_si512(ends.add(16).cast()), _mm512_loadu_si512(ent.add(16).cast())) };
         for stride in [16, 8, 4, 2, 1] {
             let probe = _mm512_permutex2var_epi32(e0, _mm512_add_epi32(i, _mm512_set1_epi32(stride - 1)), e1);
             i = _mm512_mask_add_epi32(i, _mm512_cmpge_epu32_mask(slot, probe), i, _mm512_set1_epi32(stride));
@@ -310,7 +312,7 @@ unsafe fn decode_avx512(t: &Tables, state: &mut [u32; LANES], words: &[u8], run:
             let (ca, cb) = (jv / run, (jv + live - 1) / run);
             let second: __mmask16 = if ca == cb { 0 } else { active & !((1u16 << ((ca + 1) * run - jv)) - 1) };
             let slot = _mm512_and_si512(*xv, mask12);
-            let e = if t.small[ca] && t.small[cb] {
+            let e = if t.symbols[ca] <= 32 && t.symbols[cb] <= 32 {
                 let e = search(ca, slot);
                 if second == 0 { e } else { _mm512_mask_mov_epi32(e, second, search(cb, slot)) }
             } else {
@@ -336,10 +338,10 @@ unsafe fn decode_avx512(t: &Tables, state: &mut [u32; LANES], words: &[u8], run:
             if pos + 2 * count > words.len() {
                 return None;
             }
-            // a masked load of the `count` words, then an expand in registers
-            // (the expanding load from memory is microcoded on some CPUs)
+            // a masked load of the `count` words, widened to 32 bits and
+            // expanded to the lanes that need them
             let loaded = unsafe { _mm256_maskz_loadu_epi16(((1u32 << count) - 1) as u16, words.as_ptr().add(pos).cast()) };
-            let w = _mm512_maskz_expand_epi16(_pdep_u32(u32::from(need), 0x5555_5555), _mm512_castsi256_si512(loaded));
+            let w = _mm512_maskz_expand_epi32(need, _mm512_cvtepu16_epi32(loaded));
             pos += 2 * count;
             let renormed = _mm512_mask_mov_epi32(nx, need, _mm512_or_si512(_mm512_slli_epi32::<16>(nx), w));
             *xv = _mm512_mask_mov_epi32(*xv, active, renormed);
