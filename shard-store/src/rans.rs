@@ -299,18 +299,28 @@ unsafe fn decode_avx512(t: &Tables, state: &mut [u32; LANES], words: &[u8], run:
     let mut x: [__m512i; V] = std::array::from_fn(|v| unsafe { _mm512_loadu_si512(state.as_ptr().add(16 * v).cast()) });
     let mut pos = 0usize;
     let mut j0 = 0usize;
+    // each vector's first symbol: its context and its place in that run
+    // (kept up to date by adding, as divisions would cost more than a step)
+    let mut first: [(usize, usize); V] = std::array::from_fn(|v| (16 * v / run, 16 * v % run));
     while j0 < n {
-        for (v, xv) in x.iter_mut().enumerate() {
+        for (v, (xv, (ca, at))) in x.iter_mut().zip(&mut first).enumerate() {
             let jv = j0 + 16 * v;
             if jv >= n {
                 break;
             }
             let live = (n - jv).min(16);
             let active: __mmask16 = if live == 16 { 0xffff } else { (1u16 << live) - 1 };
-            // the contexts of the first and the last symbol, and the lanes
-            // in the second
-            let (ca, cb) = (jv / run, (jv + live - 1) / run);
-            let second: __mmask16 = if ca == cb { 0 } else { active & !((1u16 << ((ca + 1) * run - jv)) - 1) };
+            // the contexts of the first and the last symbol (runs are at
+            // least 16 long), and the lanes in the second
+            let ca_now = *ca;
+            let (cb, second): (usize, __mmask16) =
+                if *at + live <= run { (ca_now, 0) } else { (ca_now + 1, active & !((1u16 << (run - *at)) - 1)) };
+            *at += LANES;
+            while *at >= run {
+                *at -= run;
+                *ca += 1;
+            }
+            let ca = ca_now;
             let slot = _mm512_and_si512(*xv, mask12);
             let e = if t.symbols[ca] <= 32 && t.symbols[cb] <= 32 {
                 let e = search(ca, slot);
