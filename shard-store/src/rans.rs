@@ -151,22 +151,32 @@ impl Tables {
     /// not a valid encoding (too short, words or escapes left over or
     /// missing, final states wrong).
     pub fn decode(&self, bytes: &[u8], run: usize, out: &mut [u8]) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512vl")
-            && std::is_x86_feature_detected!("popcnt")
-        {
-            // SAFETY: the CPU has the features, checked just above.
-            return self.decode_with(bytes, run, out, |t, s, w, r, o| unsafe { decode_avx512(t, s, w, r, o) });
+        match decoder() {
+            // SAFETY: `decoder` picks a SIMD path only on a CPU that has it.
+            #[cfg(target_arch = "x86_64")]
+            Decoder::Avx512 => self.decode_with(bytes, run, out, |t, s, w, r, o| unsafe { decode_avx512(t, s, w, r, o) }),
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Decoder::Avx2 => self.decode_with(bytes, run, out, |t, s, w, r, o| unsafe { decode_avx2(t, s, w, r, o) }),
+            Decoder::Scalar => self.decode_with(bytes, run, out, decode_scalar),
         }
-        self.decode_with(bytes, run, out, decode_scalar)
     }
 
     /// [`Tables::decode`] with the scalar (reference) lanes.
     #[cfg(test)]
     fn decode_reference(&self, bytes: &[u8], run: usize, out: &mut [u8]) -> bool {
         self.decode_with(bytes, run, out, decode_scalar)
+    }
+
+    /// [`Tables::decode`] with the AVX2 lanes, `None` on a CPU without AVX2.
+    #[cfg(test)]
+    fn decode_avx2(&self, bytes: &[u8], run: usize, out: &mut [u8]) -> Option<bool> {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("popcnt") {
+            // SAFETY: the CPU has the features, checked just above.
+            return Some(self.decode_with(bytes, run, out, |t, s, w, r, o| unsafe { decode_avx2(t, s, w, r, o) }));
+        }
+        None
     }
 
     fn decode_with(
@@ -207,6 +217,40 @@ impl Tables {
         }
         next.next().is_none()
     }
+}
+
+/// The decoders.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Decoder {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Scalar,
+}
+
+/// The fastest decoder this CPU runs, or the one named by the environment
+/// variable `CAEV2_PCA_DECODER` (`avx512`, `avx2` or `scalar`; for
+/// benchmarks: what a CPU without AVX-512 would see) where this CPU runs
+/// it. Chosen once per process.
+fn decoder() -> Decoder {
+    static CHOICE: std::sync::OnceLock<Decoder> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| {
+        let mut usable = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("popcnt") {
+                usable.push(("avx512", Decoder::Avx512));
+            }
+            if has!("avx2") && has!("popcnt") {
+                usable.push(("avx2", Decoder::Avx2));
+            }
+        }
+        usable.push(("scalar", Decoder::Scalar));
+        let asked = std::env::var("CAEV2_PCA_DECODER").ok();
+        usable.iter().find(|(name, _)| asked.as_deref().is_none_or(|a| a == *name)).unwrap_or(&usable[0]).1
+    })
 }
 
 /// The reference decoder: symbol by symbol, a word read right after the
@@ -364,6 +408,146 @@ unsafe fn decode_avx512(t: &Tables, state: &mut [u32; LANES], words: &[u8], run:
     Some(pos)
 }
 
+/// The AVX2 decoder (for CPUs without AVX-512): 8 lanes per vector, eight
+/// vectors per group of 64. Contexts of at most 16 symbols are searched in
+/// two registers, others gathered; the words go to the lanes that need
+/// them by a permutation from a table indexed by the 8-bit mask.
+///
+/// # Safety
+/// The CPU must support AVX2 and POPCNT.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,popcnt")]
+unsafe fn decode_avx2(t: &Tables, state: &mut [u32; LANES], words: &[u8], run: usize, out: &mut [u8]) -> Option<usize> {
+    use std::arch::x86_64::*;
+    const V: usize = LANES / 8;
+    if run < 8 {
+        return decode_scalar(t, state, words, run, out);
+    }
+    // for each mask of lanes that need a word, the index of the word each
+    // lane takes (the number of needing lanes before it)
+    const SPREAD: [[i32; 8]; 256] = {
+        let mut table = [[0i32; 8]; 256];
+        let mut m = 0;
+        while m < 256 {
+            let mut l = 0;
+            while l < 8 {
+                table[m][l] = (m & ((1 << l) - 1)).count_ones() as i32;
+                l += 1;
+            }
+            m += 1;
+        }
+        table
+    };
+    let n = out.len();
+    let mask12 = _mm256_set1_epi32(0xfff);
+    let (bucket, entries) = (t.bucket.as_ptr(), t.entries.as_ptr());
+    let end_of = |e: __m256i| _mm256_add_epi32(_mm256_and_si256(e, mask12), _mm256_and_si256(_mm256_srli_epi32::<12>(e), mask12));
+    // lanes where `a >= b` for values below 2^31
+    let ge = |a: __m256i, b: __m256i| _mm256_cmpgt_epi32(a, _mm256_sub_epi32(b, _mm256_set1_epi32(1)));
+    // value `i` (0..16) of a 16-entry table held in two registers
+    let pick = |lo: __m256i, hi: __m256i, i: __m256i| {
+        let upper = _mm256_cmpgt_epi32(i, _mm256_set1_epi32(7));
+        _mm256_blendv_epi8(_mm256_permutevar8x32_epi32(lo, i), _mm256_permutevar8x32_epi32(hi, i), upper)
+    };
+    let search = |c: usize, slot: __m256i| {
+        let (ends, ent) = (t.small_ends[c].as_ptr(), t.entries[c * 256..].as_ptr());
+        // SAFETY: `small_ends[c]` holds 32 u32s, `entries` 256 per context.
+        let (e0, e1, n0, n1) = unsafe {
+            (
+                _mm256_loadu_si256(ends.cast()),
+                _mm256_loadu_si256(ends.add(8).cast()),
+                _mm256_loadu_si256(ent.cast()),
+                _mm256_loadu_si256(ent.add(8).cast()),
+            )
+        };
+        let mut i = _mm256_setzero_si256();
+        for stride in [8, 4, 2, 1] {
+            let probe = pick(e0, e1, _mm256_add_epi32(i, _mm256_set1_epi32(stride - 1)));
+            i = _mm256_add_epi32(i, _mm256_and_si256(ge(slot, probe), _mm256_set1_epi32(stride)));
+        }
+        pick(n0, n1, i)
+    };
+    // SAFETY (all loads and stores below): `state` holds LANES u32s; the
+    // gathers read only active lanes (masked), whose context is below the
+    // number of tables (checked by the caller), at bucket offsets below
+    // 512 (+3 bytes of padding) and entry offsets below 256; the words are
+    // read within `words` (checked first, the last ones through a copy).
+    let mut x: [__m256i; V] = std::array::from_fn(|v| unsafe { _mm256_loadu_si256(state.as_ptr().add(8 * v).cast()) });
+    let mut first: [(usize, usize); V] = std::array::from_fn(|v| (8 * v / run, 8 * v % run));
+    let mut pos = 0usize;
+    let mut j0 = 0usize;
+    while j0 < n {
+        for (v, (xv, (ca, at))) in x.iter_mut().zip(&mut first).enumerate() {
+            let jv = j0 + 8 * v;
+            if jv >= n {
+                break;
+            }
+            let live = (n - jv).min(8);
+            let active = _mm256_cmpgt_epi32(_mm256_set1_epi32(live as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            let ca_now = *ca;
+            let (cb, split) = if *at + live <= run { (ca_now, 8) } else { (ca_now + 1, run - *at) };
+            *at += LANES;
+            while *at >= run {
+                *at -= run;
+                *ca += 1;
+            }
+            let ca = ca_now;
+            // lanes in the second context
+            let second = _mm256_cmpgt_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(split as i32 - 1));
+            let slot = _mm256_and_si256(*xv, mask12);
+            let e = if t.symbols[ca] <= 16 && t.symbols[cb] <= 16 {
+                let e = search(ca, slot);
+                if cb == ca { e } else { _mm256_blendv_epi8(e, search(cb, slot), second) }
+            } else {
+                let ctx = _mm256_blendv_epi8(_mm256_set1_epi32(ca as i32), _mm256_set1_epi32(cb as i32), second);
+                let bidx = _mm256_add_epi32(_mm256_slli_epi32::<9>(ctx), _mm256_srli_epi32::<3>(slot));
+                let b = unsafe { _mm256_mask_i32gather_epi32::<1>(_mm256_setzero_si256(), bucket.cast(), bidx, active) };
+                let mut eidx = _mm256_add_epi32(_mm256_slli_epi32::<8>(ctx), _mm256_and_si256(b, _mm256_set1_epi32(255)));
+                let mut e = unsafe { _mm256_mask_i32gather_epi32::<4>(_mm256_setzero_si256(), entries.cast(), eidx, active) };
+                let mut past = _mm256_and_si256(active, ge(slot, end_of(e)));
+                while _mm256_testz_si256(past, past) == 0 {
+                    eidx = _mm256_sub_epi32(eidx, past);
+                    e = unsafe { _mm256_mask_i32gather_epi32::<4>(e, entries.cast(), eidx, past) };
+                    past = _mm256_and_si256(past, ge(slot, end_of(e)));
+                }
+                e
+            };
+            let freq = _mm256_and_si256(_mm256_srli_epi32::<12>(e), mask12);
+            let start = _mm256_and_si256(e, mask12);
+            let nx = _mm256_sub_epi32(_mm256_add_epi32(_mm256_mullo_epi32(freq, _mm256_srli_epi32::<12>(*xv)), slot), start);
+            // the symbols' bytes: 32 -> 16 -> 8 bits
+            let bytes = _mm256_srli_epi32::<24>(e);
+            let b16 = _mm_packus_epi32(_mm256_castsi256_si128(bytes), _mm256_extracti128_si256::<1>(bytes));
+            let b8 = _mm_cvtsi128_si64(_mm_packus_epi16(b16, b16)).to_le_bytes();
+            out[jv..jv + live].copy_from_slice(&b8[..live]);
+            // lanes below 2^16 take the next words, in lane order
+            let need = _mm256_and_si256(active, _mm256_cmpeq_epi32(_mm256_srli_epi32::<16>(nx), _mm256_setzero_si256()));
+            let m = _mm256_movemask_ps(_mm256_castsi256_ps(need)) as usize;
+            let count = m.count_ones() as usize;
+            if pos + 2 * count > words.len() {
+                return None;
+            }
+            let loaded = if pos + 16 <= words.len() {
+                unsafe { _mm_loadu_si128(words.as_ptr().add(pos).cast()) }
+            } else {
+                let mut tail = [0u8; 16];
+                tail[..words.len() - pos].copy_from_slice(&words[pos..]);
+                unsafe { _mm_loadu_si128(tail.as_ptr().cast()) }
+            };
+            let spread = unsafe { _mm256_loadu_si256(SPREAD[m].as_ptr().cast()) };
+            let w = _mm256_permutevar8x32_epi32(_mm256_cvtepu16_epi32(loaded), spread);
+            pos += 2 * count;
+            let renormed = _mm256_blendv_epi8(nx, _mm256_or_si256(_mm256_slli_epi32::<16>(nx), w), need);
+            *xv = _mm256_blendv_epi8(*xv, renormed, active);
+        }
+        j0 += LANES;
+    }
+    for (v, xv) in x.iter().enumerate() {
+        unsafe { _mm256_storeu_si256(state.as_mut_ptr().add(8 * v).cast(), *xv) };
+    }
+    Some(pos)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,6 +619,10 @@ mod tests {
                 assert!(t.decode_reference(&rec, run, &mut b), "run {run} n {n}");
                 assert_eq!(a, s);
                 assert_eq!(b, s);
+                if let Some(ok) = t.decode_avx2(&rec, run, &mut a) {
+                    assert!(ok, "avx2: run {run} n {n}");
+                    assert_eq!(a, s);
+                }
                 // damage is refused by both
                 let mut bad = rec.clone();
                 bad.truncate(rec.len() - 2);
@@ -472,6 +660,12 @@ mod tests {
             assert_eq!(ra, rb, "trial {trial}");
             if ra {
                 assert_eq!(a, b);
+            }
+            if let Some(rc) = t.decode_avx2(&rec, run, &mut a) {
+                assert_eq!(rc, rb, "avx2: trial {trial}");
+                if rc {
+                    assert_eq!(a, b);
+                }
             }
         }
     }
