@@ -167,7 +167,7 @@ impl CodecFit {
 /// The manifest of a store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
-    /// Always [`FORMAT_NAME`].
+    /// Always `"caev2-store"`.
     pub format: String,
     /// [`FORMAT_VERSION`] of the writer.
     pub format_version: u32,

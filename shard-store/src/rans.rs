@@ -9,11 +9,12 @@
 //! through the escape symbol and is stored raw in a side array, so that
 //! every lane decodes exactly one symbol per step (lockstep SIMD).
 //!
-//! The AVX-512 decoder (F, BW and VL: Skylake-X, Ice Lake, Sapphire Rapids,
-//! Zen 4 and later) runs 16 lanes per vector, four vectors per group: four independent dependency chains,
-//! which is what it takes to hide the latency of a step (64 lanes decode
-//! 1.6x faster than 32 on a DINOv2 store). The scalar decoder is the
-//! reference and is used on other CPUs. Both give the same bytes (tested).
+//! Three decoders give the same bytes (tested): AVX-512 (F, BW and VL:
+//! Skylake-X, Ice Lake, Sapphire Rapids, Zen 4 and later) with four vectors
+//! of 16 lanes, four independent dependency chains, which is what it takes
+//! to hide the latency of a step (64 lanes decode 1.2x faster than 32 on a
+//! DINOv2 store; 128 are no faster); AVX2 with eight vectors of 8 lanes;
+//! and the scalar reference, for other CPUs. [`decoder`] picks one.
 
 /// Interleaved states per record.
 pub const LANES: usize = 64;

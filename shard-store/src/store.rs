@@ -143,7 +143,7 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir, "fsync folder"))
 }
 
-/// Write `bytes` to `path` atomically (see [`atomic_write`]); returns the size.
+/// Write `bytes` to `path` atomically; returns the size.
 ///
 /// # Errors
 /// IO errors naming `path`; nothing appears under `path` on failure.
