@@ -4,7 +4,8 @@
 # first successful run. Every native and Python version is pinned here, once.
 #
 #   scripts/setup.sh            # libtorch, ONNX Runtime, teacher, sample data, Python tools
-#   CAEV2_GPU=1 scripts/setup.sh   # also onnxruntime-gpu + its CUDA 13 / cuDNN 9 libraries
+#   CAEV2_GPU=1 scripts/setup.sh   # also onnxruntime-gpu + the CUDA 13 libraries (cuDNN, NCCL, ...)
+#                                  # that it and libtorch_cuda.so load
 #                                  # (automatic where an NVIDIA driver is loaded; CAEV2_GPU=0 skips it)
 #
 # Prints the environment to use (also written to .deps/env.sh).
@@ -26,9 +27,14 @@ SKIMAGE_VERSION=0.25.2            # a few natural photos of various formats
 TIMM_VERSION=1.0.22               # ImageNet wnids (timm/data/_info)
 GLOO_DEB_VERSION=0.0~git20220518.5b14351-3   # Debian's libgloo-dev: headers only, to compile the c10d shim
 GLOO_DEB_SHA256=80529c9fd8af452faf489e686b94bf87075965c40673803810c4f41634b1e299
-# onnxruntime-gpu (CUDA 13 build) and the CUDA libraries its CUDA provider
-# loads, at the versions torch 2.11.0 pins (cuda-toolkit 13.0.2, cuDNN 9.19)
-ORT_GPU_CUDA_PINS="nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvrtc==13.0.88 nvidia-cublas==13.1.0.3 nvidia-cufft==12.0.0.61 nvidia-curand==10.4.0.35 nvidia-cudnn-cu13==9.19.0.56"
+# onnxruntime-gpu (CUDA 13 build), and the CUDA libraries that its CUDA
+# provider and libtorch_cuda.so load, at the versions torch 2.11.0 pins (its
+# wheel's Requires-Dist: cuda-toolkit 13.0.2's cublas, cudart, cufft, cufile,
+# curand, cusolver, cusparse, nvjitlink, nvrtc, nvtx; cuDNN 9.19,
+# cuSPARSELt 0.8, NCCL 2.28.9, NVSHMEM 3.4.5)
+GPU_CUDA_PINS="nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvrtc==13.0.88 nvidia-cublas==13.1.0.3 nvidia-cufft==12.0.0.61 \
+nvidia-curand==10.4.0.35 nvidia-cufile==1.15.1.6 nvidia-cusolver==12.0.4.66 nvidia-cusparse==12.6.3.3 nvidia-nvjitlink==13.0.88 \
+nvidia-nvtx==13.0.85 nvidia-cudnn-cu13==9.19.0.56 nvidia-cusparselt-cu13==0.8.0 nvidia-nccl-cu13==2.28.9 nvidia-nvshmem-cu13==3.4.5"
 PY_NUMPY=2.3.5
 PY_PILLOW=12.0.0
 PY_ONNX=1.19.1
@@ -97,29 +103,31 @@ fi
 ln -sf "libonnxruntime.so.$ORT_VERSION" "$ORT_DIR/libonnxruntime.so"
 ORT_DYLIB_PATH="$ORT_DIR/libonnxruntime.so"
 
-# ---- 2b. onnxruntime-gpu, only where a GPU can use it ---------------------------
-# ~1.5 GB of wheels (the CUDA provider alone is 284 MB), so only on machines
-# with an NVIDIA driver, or when asked with CAEV2_GPU=1. caev2 prefers this
-# library when it exists (teacher::ort_library); it runs the CPU provider too.
+# ---- 2b. GPU libraries, only where a GPU can use them -----------------------------
+# ~2.5 GB of wheels (the ONNX Runtime CUDA provider alone is 284 MB), so only
+# on machines with an NVIDIA driver, or when asked with CAEV2_GPU=1:
+# onnxruntime-gpu, which caev2 prefers when it exists (teacher::ort_library;
+# it runs the CPU provider too), and the CUDA libraries that it and
+# libtorch_cuda.so (training on the GPU) need.
 ORT_GPU_DIR="$DEPS/ort-gpu"
 GPU_WANTED=${CAEV2_GPU:-auto}
 if [[ "$GPU_WANTED" == auto ]]; then
   if [[ -e /proc/driver/nvidia/version ]]; then GPU_WANTED=1; else GPU_WANTED=0; fi
 fi
-if [[ "$GPU_WANTED" == 1 ]] && ! stamp_ok ort-gpu "$ORT_VERSION $ORT_GPU_CUDA_PINS"; then
-  log "installing onnxruntime-gpu $ORT_VERSION and its CUDA libraries ($ORT_GPU_CUDA_PINS)"
+if [[ "$GPU_WANTED" == 1 ]] && ! stamp_ok ort-gpu "$ORT_VERSION $GPU_CUDA_PINS"; then
+  log "installing onnxruntime-gpu $ORT_VERSION and the CUDA libraries ($GPU_CUDA_PINS)"
   rm -rf "$ORT_GPU_DIR" "$DEPS/dl-ort-gpu"; mkdir -p "$ORT_GPU_DIR" "$DEPS/dl-ort-gpu"
   "$PY" -m pip download --quiet --no-deps -d "$DEPS/dl-ort-gpu" "onnxruntime-gpu==$ORT_VERSION"
   ort_libs_from_wheel "$DEPS/dl-ort-gpu" "$ORT_GPU_DIR" "libonnxruntime.so.$ORT_VERSION" libonnxruntime_providers_shared.so \
     libonnxruntime_providers_cuda.so libonnxruntime_providers_tensorrt.so
-  "$PY" -m pip install --quiet --no-deps --target "$ORT_GPU_DIR" $ORT_GPU_CUDA_PINS
+  "$PY" -m pip install --quiet --no-deps --target "$ORT_GPU_DIR" $GPU_CUDA_PINS
   ln -sf "libonnxruntime.so.$ORT_VERSION" "$ORT_GPU_DIR/libonnxruntime.so"
   rm -rf "$DEPS/dl-ort-gpu"
-  stamp_set ort-gpu "$ORT_VERSION $ORT_GPU_CUDA_PINS"
+  stamp_set ort-gpu "$ORT_VERSION $GPU_CUDA_PINS"
 fi
 if [[ -e "$ORT_GPU_DIR/libonnxruntime.so" ]]; then
   ORT_DYLIB_PATH="$ORT_GPU_DIR/libonnxruntime.so"
-  CUDA_LIBS="$ORT_GPU_DIR/nvidia/cu13/lib:$ORT_GPU_DIR/nvidia/cudnn/lib:$CUDA_LIBS"
+  CUDA_LIBS="$(find "$ORT_GPU_DIR/nvidia" -type d -name lib | sort | tr '\n' ':')$CUDA_LIBS"
 fi
 
 # ---- 3. Python tools venv (fixtures, teacher graph edit, reference pipeline) --

@@ -4,13 +4,19 @@
 use tch::Device;
 
 /// Load `libtorch_cuda.so` (from the rpath or `LD_LIBRARY_PATH`) if it can
-/// be loaded; returns whether it was. Fails cleanly on machines without
-/// CUDA libraries.
-pub fn load_cuda() -> bool {
+/// be loaded; otherwise the dynamic loader's reason (e.g. the CUDA library
+/// it misses). Fails cleanly on machines without CUDA libraries.
+pub fn load_cuda() -> Result<(), String> {
     // SAFETY: dlopen with a constant, NUL-terminated name; the handle is
-    // kept for the life of the process on purpose.
-    let handle = unsafe { libc::dlopen(c"libtorch_cuda.so".as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-    !handle.is_null()
+    // kept for the life of the process on purpose. dlerror's string is
+    // copied at once.
+    unsafe {
+        if !libc::dlopen(c"libtorch_cuda.so".as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL).is_null() {
+            return Ok(());
+        }
+        let e = libc::dlerror();
+        Err(if e.is_null() { "unknown reason".into() } else { std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned() })
+    }
 }
 
 /// Resolve `auto|cpu|cuda|cuda:N` to a device and a line explaining the choice.
@@ -18,25 +24,22 @@ pub fn load_cuda() -> bool {
 /// # Errors
 /// An unknown name, or CUDA asked for but not available.
 pub fn choose(name: &str) -> Result<(Device, String), String> {
-    let loaded = load_cuda();
+    let load = load_cuda();
+    let loaded = load.is_ok();
     let available = loaded && tch::Cuda::is_available();
+    // why CUDA is not there, in words
+    let why = || match &load {
+        Ok(()) => "libtorch_cuda.so loaded, but no GPU".to_string(),
+        Err(e) => format!("libtorch_cuda.so not loadable: {e}; on a GPU machine, scripts/setup.sh installs the CUDA libraries"),
+    };
     match name {
         "auto" if available => Ok((Device::Cuda(0), format!("training on CUDA ({} GPU(s))", tch::Cuda::device_count()))),
-        "auto" => Ok((
-            Device::Cpu,
-            if loaded {
-                "no usable GPU: training on the CPU".into()
-            } else {
-                "libtorch_cuda.so not loadable (no CUDA libraries): training on the CPU".into()
-            },
-        )),
+        "auto" if loaded => Ok((Device::Cpu, "no usable GPU: training on the CPU".into())),
+        "auto" => Ok((Device::Cpu, "no CUDA libraries (libtorch_cuda.so not loadable): training on the CPU".into())),
         "cpu" => Ok((Device::Cpu, "training on the CPU (--device cpu)".into())),
         n if n.starts_with("cuda") => {
             if !available {
-                return Err(format!(
-                    "--device {n}: CUDA is not available (libtorch_cuda.so {})",
-                    if loaded { "loaded, but no GPU" } else { "not loadable" }
-                ));
+                return Err(format!("--device {n}: CUDA is not available ({})", why()));
             }
             let idx =
                 n.strip_prefix("cuda:").map(|i| i.parse::<usize>().map_err(|e| format!("--device {n}: {e}"))).transpose()?.unwrap_or(0);
