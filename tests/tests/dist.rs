@@ -208,6 +208,14 @@ fn mismatched_settings_are_refused() {
         assert!(!out.join("metrics.jsonl").exists(), "no step was taken");
     }
 
+    // NCCL asked for on CPU ranks: refused by both, naming why
+    let nccl = args(&out, 2, &["--dist-backend", "nccl"]);
+    let (o0, o1) = two_ranks(&nccl, &nccl);
+    for o in [&o0, &o1] {
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains("--dist-backend nccl: NCCL not usable here: not on CUDA"), "{e}");
+    }
+
     let mut a = args(&out, 2, &[]);
     let b = a.iter().position(|x| x == "--batch").expect("--batch") + 1;
     a[b] = "3".into();

@@ -86,6 +86,7 @@ fn main() {
             bf16: true,
             launch: None,
             dist_timeout: trainer::DEFAULT_DIST_TIMEOUT,
+            dist_backend: trainer::dist::Backend::Auto,
         };
         let s = run_train(&cfg(live), &opts).expect("train");
         // skip the first step (allocations, caches)

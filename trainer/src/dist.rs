@@ -10,6 +10,10 @@
 //!   buckets, metric sums, rank 0's tensors copied to every rank, and
 //!   start-up checks that every rank runs the same settings.
 //!
+//! On CUDA, with every rank on its own GPU, the gradients go through NCCL
+//! instead ([`crate::nccl`], `--dist-backend`); Gloo stays the control
+//! plane (metrics, start-up agreement).
+//!
 //! Every collective has the group's timeout, and a rank that dies closes its
 //! sockets, so the others fail with an error instead of hanging.
 
@@ -205,10 +209,36 @@ impl Drop for Group {
     }
 }
 
+/// Which library all-reduces the gradients of a data-parallel run on CUDA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// NCCL when every rank has a GPU of its own and NCCL loads, Gloo
+    /// otherwise (saying why).
+    Auto,
+    /// NCCL, or an error.
+    Nccl,
+    /// Gloo, through host memory.
+    Gloo,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "nccl" => Ok(Self::Nccl),
+            "gloo" => Ok(Self::Gloo),
+            other => Err(format!("{other}: expected auto, nccl or gloo")),
+        }
+    }
+}
+
 /// This process's place in data-parallel training.
 #[derive(Debug)]
 pub struct Dist {
     group: Option<Group>,
+    /// NCCL for CUDA tensors, when set up by [`Dist::set_backend`].
+    nccl: Option<crate::nccl::Comm>,
     /// Global rank.
     pub rank: usize,
     /// Number of processes.
@@ -222,7 +252,7 @@ pub struct Dist {
 impl Dist {
     /// A plain single process.
     pub fn single() -> Self {
-        Self { group: None, rank: 0, world: 1, local_rank: 0, launcher: "single" }
+        Self { group: None, nccl: None, rank: 0, world: 1, local_rank: 0, launcher: "single" }
     }
 
     /// Join the group `launch` describes (every rank must call this), with
@@ -242,11 +272,67 @@ impl Dist {
         })?;
         Ok(Self {
             group: Some(group),
+            nccl: None,
             rank: launch.rank,
             world: launch.world_size,
             local_rank: launch.local_rank,
             launcher: launch.launcher,
         })
+    }
+
+    /// Choose how CUDA tensors are all-reduced (every rank must call this,
+    /// with its own training device); returns the backend in words, e.g.
+    /// `NCCL 2.28.9` or `Gloo (NCCL not loadable: ...)`. NCCL needs every rank
+    /// on CUDA, on a GPU no other rank of its host uses, and NCCL loading
+    /// everywhere; all ranks agree before any joins it.
+    ///
+    /// # Errors
+    /// `--dist-backend nccl` where NCCL cannot be used; NCCL failing to set
+    /// up; a failed collective.
+    pub fn set_backend(&mut self, device: tch::Device, backend: Backend, timeout: Duration) -> Result<String> {
+        if self.group.is_none() {
+            return Ok(String::new());
+        }
+        let cuda = match device {
+            tch::Device::Cuda(i) => Some(i),
+            _ => None,
+        };
+        if backend == Backend::Gloo || (cuda.is_none() && backend == Backend::Auto) {
+            return Ok("Gloo".into());
+        }
+        // this rank's case: usable or not, its host, its GPU
+        let usable = cuda.ok_or_else(|| "not on CUDA".to_string()).and_then(|_| crate::nccl::version().map(|_| ()));
+        let row = [f64::from(u8::from(usable.is_ok())), host_id(), cuda.map_or(-1.0, |i| i as f64)];
+        let all = self.all_gather(&row)?;
+        let shared = (0..self.world).find(|&a| (0..a).any(|b| all[a][1] == all[b][1] && all[a][2] == all[b][2]));
+        let why_not = match (&usable, all.iter().position(|r| r[0] == 0.0), shared) {
+            (Err(e), _, _) => Some(format!("NCCL not usable here: {e}")),
+            (_, Some(r), _) => Some(format!("NCCL not usable on rank {r}")),
+            (_, _, Some(r)) => Some(format!("rank {r} shares its GPU with another rank; NCCL needs one GPU per rank")),
+            _ => None,
+        };
+        if let Some(why) = why_not {
+            if backend == Backend::Nccl {
+                return Err(self.error(format!("--dist-backend nccl: {why}")));
+            }
+            return Ok(format!("Gloo through host memory ({why})"));
+        }
+        // rank 0's unique id, copied to every rank (bytes are exact in f64)
+        let mut bytes = [0f64; 128];
+        if self.is_main() {
+            let id = crate::nccl::unique_id().map_err(|e| self.error(e));
+            let id = self.agree("creating the NCCL id", id)?;
+            bytes.iter_mut().zip(id.internal).for_each(|(b, x)| *b = f64::from(x));
+        } else {
+            self.agree("creating the NCCL id", Ok(()))?;
+        }
+        let t = Tensor::from_slice(&bytes);
+        self.copy_from_main(std::slice::from_ref(&t))?;
+        let got = Vec::<f64>::try_from(&t)?;
+        let id = crate::nccl::UniqueId { internal: std::array::from_fn(|i| got[i] as u8) };
+        let comm = crate::nccl::Comm::init(id, self.world, self.rank, cuda.unwrap_or(0), timeout).map_err(|e| self.error(e));
+        self.nccl = Some(self.agree("joining NCCL", comm)?);
+        Ok(format!("NCCL {}", crate::nccl::version().unwrap_or_default()))
     }
 
     /// Whether this process writes progress, metrics and checkpoints.
@@ -261,6 +347,9 @@ impl Dist {
     fn sum_in_place(&self, tensors: &mut [Tensor], what: &str) -> Result<()> {
         let Some(g) = &self.group else { return Ok(()) };
         let failed = |e: String| self.error(format!("{what}: {e} (another rank stopped or timed out; see its output)"));
+        if let Some(n) = self.nccl.as_ref().filter(|_| tensors.iter().all(|t| t.device().is_cuda())) {
+            return n.all_reduce_sum(tensors).map_err(failed);
+        }
         if !tensors.iter().any(|t| t.device().is_cuda()) {
             return g.all_reduce_sum(tensors).map_err(failed);
         }
@@ -400,6 +489,19 @@ impl Dist {
         rows[self.rank * n..(self.rank + 1) * n].copy_from_slice(values);
         Ok(self.sum(&rows)?.chunks(n.max(1)).map(<[f64]>::to_vec).collect())
     }
+}
+
+/// This host, as a number exact in f64: 48 bits of a hash of its name.
+fn host_id() -> f64 {
+    use std::hash::{Hash, Hasher};
+    let mut buf = [0u8; 256];
+    // SAFETY: a buffer of the length passed; gethostname NUL-terminates
+    // (or truncates, which only shortens the name hashed).
+    unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len() - 1) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    buf[..end].hash(&mut h);
+    (h.finish() >> 16) as f64
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ pub mod loader;
 pub mod loss;
 pub mod masking;
 pub mod model;
+pub mod nccl;
 pub mod optim;
 mod train;
 

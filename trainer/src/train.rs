@@ -214,6 +214,8 @@ pub struct RunOptions {
     pub launch: Option<Launch>,
     /// Timeout of the data-parallel rendezvous and of every collective.
     pub dist_timeout: Duration,
+    /// Which library all-reduces gradients on CUDA.
+    pub dist_backend: crate::dist::Backend,
 }
 
 /// Default of [`RunOptions::dist_timeout`].
@@ -687,6 +689,7 @@ fn settings_digest(cfg: &TrainConfig, store_id: &str, opts: &RunOptions) -> [u8;
     h.update([u8::from(opts.bf16)]);
     h.update(opts.metrics_every.max(1).to_le_bytes());
     h.update(opts.checkpoint_every.max(1).to_le_bytes());
+    h.update(format!("{:?}", opts.dist_backend).as_bytes());
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
     h.finalize().into()
 }
@@ -779,12 +782,13 @@ fn parameters_by_name(vs: &nn::VarStore) -> Vec<Tensor> {
 /// failed rendezvous or collective, another rank's failure.
 pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let t0 = Instant::now();
-    let dist = match &opts.launch {
+    let mut dist = match &opts.launch {
         Some(l) => Dist::connect(l, opts.dist_timeout)?,
         None => Dist::single(),
     };
     let Setup { device, mut device_line, autocast, source, manifest: m } = dist.agree("set-up", open_setup(cfg, opts, &dist))?;
     dist.check_same("the settings", &settings_digest(cfg, &m.store_id, opts))?;
+    let backend = dist.set_backend(device, opts.dist_backend, opts.dist_timeout)?;
     let (torch_threads, loader_threads) = thread_budget(opts.threads, device.is_cuda(), opts.loader_threads);
     tch::set_num_threads(torch_threads as i32);
     device_line.push_str(&format!(", {torch_threads} libtorch + {loader_threads} loader threads"));
@@ -793,7 +797,8 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let local = cfg.batch / dist.world;
     let rows = dist.rank * local..(dist.rank + 1) * local;
     if dist.world > 1 {
-        device_line.push_str(&format!(", data-parallel: {} ranks ({}, Gloo), {local} images per rank and step", dist.world, dist.launcher));
+        device_line
+            .push_str(&format!(", data-parallel: {} ranks ({}, {backend}), {local} images per rank and step", dist.world, dist.launcher));
     }
 
     let (mut vs, model) = Cae2::seeded(&cfg.model, cfg.seed, device);

@@ -108,6 +108,12 @@ pub struct TrainArgs {
     /// the rendezvous or any collective before it gives up with an error.
     #[arg(long, default_value_t = trainer::DEFAULT_DIST_TIMEOUT.as_secs())]
     dist_timeout: u64,
+    /// Data-parallel runs on CUDA: which library all-reduces the gradients.
+    /// auto: NCCL when every rank has a GPU of its own (torchrun's one rank
+    /// per GPU), else Gloo through host memory, saying why; nccl: NCCL or an
+    /// error; gloo: always Gloo. CPU runs always use Gloo.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "nccl", "gloo"])]
+    dist_backend: String,
     /// Write a checkpoint every N steps (and at the end).
     #[arg(long, default_value_t = 100)]
     checkpoint_every: u64,
@@ -196,6 +202,7 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         bf16: !a.fp32,
         launch,
         dist_timeout: std::time::Duration::from_secs(a.dist_timeout.max(1)),
+        dist_backend: a.dist_backend.parse().map_err(anyhow::Error::msg)?,
     };
     if a.loader_only {
         let l = trainer::measure_loader(&cfg, opts.threads, cfg.steps).context("measuring the loader")?;
