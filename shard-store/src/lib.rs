@@ -16,7 +16,9 @@
 //! * Reading: [`Store`] maps shards lazily and gives [`TargetsRef`]s by
 //!   `(image, view)` in O(1) or streams all views in storage order.
 //! * [`PcaModel`] is the `pca` codec's fitted model (principal axes, step,
-//!   entropy tables), stored once per store beside the manifest.
+//!   entropy tables), stored once per store beside the manifest; its
+//!   records are coded by a 64-lane rANS that decodes in AVX-512 or AVX2
+//!   (the private `rans` module).
 //! * [`recode`] writes a store again with another codec, without the teacher.
 //! * [`resample_grid`] maps targets between token grids (teacher 16x16 to
 //!   student 14x14, say).
