@@ -346,16 +346,25 @@ impl Drop for Comm {
         if let Some(h) = self.watchdog.take() {
             let _ = h.join();
         }
+        let pending: Vec<usize> =
+            self.watched.pending.lock().map(|p| p.iter().map(|&(e, _)| e).filter(|&e| e != 0).collect()).unwrap_or_default();
+        // SAFETY: events this module created and has not destroyed.
+        let unfinished = pending.iter().any(|&e| unsafe { (self.api.event_query)(e as *mut c_void) } != CUDA_SUCCESS);
         if !self.comm.is_null() {
-            // SAFETY: our communicator, destroyed once; its work is done or
-            // the process is ending on an error.
-            unsafe { (self.api.comm_destroy)(self.comm) };
-        }
-        if let Ok(p) = self.watched.pending.lock() {
-            for &(event, _) in p.iter().filter(|(e, _)| *e != 0) {
-                // SAFETY: events this module created, destroyed once.
-                unsafe { (self.api.event_destroy)(event as *mut c_void) };
+            // SAFETY: our communicator, freed once: destroyed when its work
+            // is done, aborted when some is not (a run ending on an error,
+            // where destroying would wait for peers that may be gone).
+            unsafe {
+                if unfinished {
+                    (self.api.comm_abort)(self.comm);
+                } else {
+                    (self.api.comm_destroy)(self.comm);
+                }
             }
+        }
+        for e in pending {
+            // SAFETY: as above, destroyed once.
+            unsafe { (self.api.event_destroy)(e as *mut c_void) };
         }
     }
 }
