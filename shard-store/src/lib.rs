@@ -30,6 +30,7 @@ mod index;
 mod manifest;
 mod pca;
 mod rans;
+pub use rans::decoder_name as pca_decoder_name;
 mod recode;
 mod shard;
 mod store;

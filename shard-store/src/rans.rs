@@ -230,6 +230,18 @@ enum Decoder {
     Scalar,
 }
 
+/// The name of the decoder [`Tables::decode`] uses in this process:
+/// `avx512`, `avx2` or `scalar`.
+pub fn decoder_name() -> &'static str {
+    match decoder() {
+        #[cfg(target_arch = "x86_64")]
+        Decoder::Avx512 => "avx512",
+        #[cfg(target_arch = "x86_64")]
+        Decoder::Avx2 => "avx2",
+        Decoder::Scalar => "scalar",
+    }
+}
+
 /// The fastest decoder this CPU runs, or the one named by the environment
 /// variable `CAEV2_PCA_DECODER` (`avx512`, `avx2` or `scalar`; for
 /// benchmarks: what a CPU without AVX-512 would see) where this CPU runs

@@ -579,6 +579,9 @@ pub struct Comparison {
     pub decode_views_per_sec_b: f64,
     /// Views encoded per second with B's codec (one core).
     pub encode_views_per_sec_b: f64,
+    /// The pca decoder that ran (`avx512`, `avx2` or `scalar`), when a
+    /// store is pca.
+    pub pca_decoder: Option<String>,
 }
 
 /// Compare two stores of the same images and views (e.g. two codecs).
@@ -649,6 +652,7 @@ pub fn compare(a: &Path, b: &Path) -> Result<Comparison> {
         decode_views_per_sec_a: rate(decode_a),
         decode_views_per_sec_b: rate(decode_b),
         encode_views_per_sec_b: rate(encode_b),
+        pca_decoder: [ma.codec, mb.codec].contains(&shard_store::Codec::Pca).then(|| shard_store::pca_decoder_name().to_owned()),
     })
 }
 

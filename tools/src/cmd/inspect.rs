@@ -136,12 +136,13 @@ pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
                     c.views, c.codec_a, c.codec_b, c.mean_cosine, c.p1_cosine, c.min_cosine, c.max_abs_error
                 );
                 println!(
-                    "bytes/view {:.0} vs {:.0} ({:.2}x smaller); decode {:.0} vs {:.0} views/s, encode {} {:.0} views/s (one core)",
+                    "bytes/view {:.0} vs {:.0} ({:.2}x smaller); decode {:.0} vs {:.0} views/s{}, encode {} {:.0} views/s (one core)",
                     c.bytes_per_view_a,
                     c.bytes_per_view_b,
                     c.bytes_per_view_a / c.bytes_per_view_b.max(1.0),
                     c.decode_views_per_sec_a,
                     c.decode_views_per_sec_b,
+                    c.pca_decoder.as_ref().map(|d| format!(" (pca decoder: {d})")).unwrap_or_default(),
                     c.codec_b,
                     c.encode_views_per_sec_b
                 );
