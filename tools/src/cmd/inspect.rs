@@ -66,7 +66,9 @@ pub enum InspectCommand {
     },
     /// Two stores of the same images and views (e.g. two codecs): mean, 1st
     /// percentile and min token cosine, max error, bytes per view of each,
-    /// and decode (and B's encode) speed on one core.
+    /// and decode (and B's encode) speed on one core. The pca decoder is the
+    /// fastest this CPU runs; CAEV2_PCA_DECODER=avx2 or scalar picks a slower
+    /// one (what a CPU without AVX-512 would see).
     Compare {
         /// First store (the reference, e.g. f32).
         a: PathBuf,
