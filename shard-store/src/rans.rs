@@ -120,22 +120,28 @@ impl Tables {
     /// # Panics
     /// If `symbols` needs a context past the last table.
     pub fn encode(&self, symbols: &[u8], run: usize, out: &mut Vec<u8>) {
-        let ctx = |j: usize| j / run.max(1);
-        let escapes: Vec<u8> =
-            symbols.iter().enumerate().filter(|&(j, &s)| self.freq[ctx(j)][usize::from(s)] == 0).map(|(_, &s)| s).collect();
+        let run = run.max(1);
+        // context by context (no division per symbol)
+        let escapes: Vec<u8> = symbols
+            .chunks(run)
+            .enumerate()
+            .flat_map(|(c, chunk)| chunk.iter().copied().filter(move |&s| self.freq[c][usize::from(s)] == 0))
+            .collect();
         let mut state = [RANS_L; LANES];
         let mut words: Vec<u16> = Vec::with_capacity(symbols.len() / 2);
-        for (j, &s) in symbols.iter().enumerate().rev() {
-            let c = ctx(j);
-            let s = if self.freq[c][usize::from(s)] > 0 { usize::from(s) } else { ESC };
-            let (f, st) = (u32::from(self.freq[c][s]), u32::from(self.start[c][s]));
-            let x = &mut state[j % LANES];
-            // ((L >> 12) << 16) * f: one word out keeps x below it
-            if *x >= f << 20 {
-                words.push(*x as u16);
-                *x >>= 16;
+        for (c, chunk) in symbols.chunks(run).enumerate().rev() {
+            let (freq, start) = (&self.freq[c], &self.start[c]);
+            for (i, &s) in chunk.iter().enumerate().rev() {
+                let s = if freq[usize::from(s)] > 0 { usize::from(s) } else { ESC };
+                let (f, st) = (u32::from(freq[s]), u32::from(start[s]));
+                let x = &mut state[(c * run + i) % LANES];
+                // ((L >> 12) << 16) * f: one word out keeps x below it
+                if *x >= f << 20 {
+                    words.push(*x as u16);
+                    *x >>= 16;
+                }
+                *x = ((*x / f) << SCALE_BITS) + (*x % f) + st;
             }
-            *x = ((*x / f) << SCALE_BITS) + (*x % f) + st;
         }
         out.reserve(4 + 4 * LANES + escapes.len() + 2 * words.len());
         out.extend_from_slice(&(escapes.len() as u32).to_le_bytes());
