@@ -302,15 +302,32 @@ fn decode_scalar(t: &Tables, state: &mut [u32; LANES], words: &[u8], run: usize,
     Some(pos)
 }
 
+/// Where a vector of `live` symbols (no more than a run) lies, its first
+/// symbol being at `place.1` in the run of context `place.0`: the contexts
+/// of its first and its last symbol, and how many of its lanes lie in the
+/// first. Then `place` moves one group of [`LANES`] on, by adding (a
+/// division per vector would cost more than a decoding step).
+#[inline(always)]
+fn vector_contexts(place: &mut (usize, usize), live: usize, run: usize) -> (usize, usize, usize) {
+    let (ca, at) = *place;
+    let (cb, split) = if at + live <= run { (ca, live) } else { (ca + 1, run - at) };
+    place.1 += LANES;
+    while place.1 >= run {
+        place.1 -= run;
+        place.0 += 1;
+    }
+    (ca, cb, split)
+}
+
 /// The SIMD decoder: 16 lanes per vector, four vectors (one group of 64)
 /// per step; lanes that need a word get consecutive words by one
 /// masked load and an expand, in lane order.
 ///
 /// A vector's 16 symbols lie in one context, or two where a run ends. A
-/// context with at most 32 symbols (most: the residuals are peaked) keeps
-/// its symbol ends and entries in four registers, and each lane finds its
-/// symbol by a five-step binary search of permutes; others use gathers
-/// from the bucket and entry tables. Runs shorter than 16 symbols go to
+/// context with at most 16 (or 32) symbols (most: the residuals are
+/// peaked) keeps its symbol ends and entries in one (or two) registers
+/// each, and each lane finds its symbol by a four- (or five-) step binary
+/// search of permutes; others use gathers from the bucket and entry tables. Runs shorter than 16 symbols go to
 /// the scalar decoder.
 ///
 /// # Safety
@@ -362,28 +379,18 @@ unsafe fn decode_avx512(t: &Tables, state: &mut [u32; LANES], words: &[u8], run:
     let mut x: [__m512i; V] = std::array::from_fn(|v| unsafe { _mm512_loadu_si512(state.as_ptr().add(16 * v).cast()) });
     let mut pos = 0usize;
     let mut j0 = 0usize;
-    // each vector's first symbol: its context and its place in that run
-    // (kept up to date by adding, as divisions would cost more than a step)
-    let mut first: [(usize, usize); V] = std::array::from_fn(|v| (16 * v / run, 16 * v % run));
+    let mut place: [(usize, usize); V] = std::array::from_fn(|v| (16 * v / run, 16 * v % run));
     while j0 < n {
-        for (v, (xv, (ca, at))) in x.iter_mut().zip(&mut first).enumerate() {
+        for (v, (xv, place)) in x.iter_mut().zip(&mut place).enumerate() {
             let jv = j0 + 16 * v;
             if jv >= n {
                 break;
             }
             let live = (n - jv).min(16);
             let active: __mmask16 = if live == 16 { 0xffff } else { (1u16 << live) - 1 };
-            // the contexts of the first and the last symbol (runs are at
-            // least 16 long), and the lanes in the second
-            let ca_now = *ca;
-            let (cb, second): (usize, __mmask16) =
-                if *at + live <= run { (ca_now, 0) } else { (ca_now + 1, active & !((1u16 << (run - *at)) - 1)) };
-            *at += LANES;
-            while *at >= run {
-                *at -= run;
-                *ca += 1;
-            }
-            let ca = ca_now;
+            let (ca, cb, split) = vector_contexts(place, live, run);
+            // lanes in the second context
+            let second: __mmask16 = if cb == ca { 0 } else { active & !((1u16 << split) - 1) };
             let slot = _mm512_and_si512(*xv, mask12);
             let e = if t.symbols[ca] <= 32 && t.symbols[cb] <= 32 {
                 let e = search(ca, slot);
@@ -492,26 +499,19 @@ unsafe fn decode_avx2(t: &Tables, state: &mut [u32; LANES], words: &[u8], run: u
     // 512 (+3 bytes of padding) and entry offsets below 256; the words are
     // read within `words` (checked first, the last ones through a copy).
     let mut x: [__m256i; V] = std::array::from_fn(|v| unsafe { _mm256_loadu_si256(state.as_ptr().add(8 * v).cast()) });
-    let mut first: [(usize, usize); V] = std::array::from_fn(|v| (8 * v / run, 8 * v % run));
+    let mut place: [(usize, usize); V] = std::array::from_fn(|v| (8 * v / run, 8 * v % run));
     let mut pos = 0usize;
     let mut j0 = 0usize;
     while j0 < n {
-        for (v, (xv, (ca, at))) in x.iter_mut().zip(&mut first).enumerate() {
+        for (v, (xv, place)) in x.iter_mut().zip(&mut place).enumerate() {
             let jv = j0 + 8 * v;
             if jv >= n {
                 break;
             }
             let live = (n - jv).min(8);
             let active = _mm256_cmpgt_epi32(_mm256_set1_epi32(live as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            let ca_now = *ca;
-            let (cb, split) = if *at + live <= run { (ca_now, 8) } else { (ca_now + 1, run - *at) };
-            *at += LANES;
-            while *at >= run {
-                *at -= run;
-                *ca += 1;
-            }
-            let ca = ca_now;
-            // lanes in the second context
+            let (ca, cb, split) = vector_contexts(place, live, run);
+            // lanes in the second context (when there is one)
             let second = _mm256_cmpgt_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(split as i32 - 1));
             let slot = _mm256_and_si256(*xv, mask12);
             let e = if t.symbols[ca] <= 16 && t.symbols[cb] <= 16 {
