@@ -83,7 +83,7 @@ impl Codec {
             Codec::F32 => tokens * dim * 4,
             Codec::F16 => tokens * dim * 2,
             Codec::Int8 => tokens * (4 + dim),
-            Codec::Pca => crate::pca::PcaModel::max_encoded_len(tokens, dim),
+            Codec::Pca => PcaModel::max_encoded_len(tokens as u64, dim as u64).map_or(usize::MAX, |n| n as usize),
         }
     }
 
@@ -94,7 +94,7 @@ impl Codec {
             Codec::F32 => tokens.checked_mul(dim)?.checked_mul(4),
             Codec::F16 => tokens.checked_mul(dim)?.checked_mul(2),
             Codec::Int8 => tokens.checked_mul(dim.checked_add(4)?),
-            Codec::Pca => tokens.checked_mul(dim)?.checked_mul(5)?.div_ceil(2).checked_add(32),
+            Codec::Pca => PcaModel::max_encoded_len(tokens, dim),
         }
     }
 
@@ -289,8 +289,14 @@ mod tests {
             assert_eq!(Codec::from_id(c.id()), Some(c));
             assert_eq!(Codec::parse(c.name()), Some(c));
         }
-        // pca decodes with its model only (pca.rs tests it)
+        // pca decodes with its model only (pca.rs tests it); its bound on a
+        // record's length is one formula, also for the smallest views
         assert!(!Codec::Pca.decode(&[0; 64], 4, &mut [0.0; 4]));
+        for (tokens, dim) in [(1, 1), (5, 6), (197, 512)] {
+            let n = Codec::Pca.encoded_len(tokens, dim) as u64;
+            assert_eq!(Codec::Pca.encoded_len_checked(tokens as u64, dim as u64), Some(n));
+            assert!(n >= 260 + 3 * (tokens * dim) as u64, "{tokens}x{dim}: {n}");
+        }
     }
 
     #[test]

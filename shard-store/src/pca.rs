@@ -386,9 +386,10 @@ impl PcaModel {
     }
 
     /// The largest record [`PcaModel::encode`] can write for `tokens x dim`
-    /// values.
-    pub fn max_encoded_len(tokens: usize, dim: usize) -> usize {
-        Tables::max_encoded_len(tokens * dim)
+    /// values; `None` when it does not fit a `u64` (sizes read from a
+    /// damaged header).
+    pub fn max_encoded_len(tokens: u64, dim: u64) -> Option<u64> {
+        Tables::max_encoded_len(tokens.checked_mul(dim)?)
     }
 
     /// Coefficients of unit tokens `u` (`n x dim`) into `c`:
@@ -837,7 +838,7 @@ mod tests {
             let mut rec = Vec::new();
             m.encode(v, &mut rec);
             bytes += rec.len();
-            assert!(rec.len() <= PcaModel::max_encoded_len(tokens, dim));
+            assert!(Some(rec.len() as u64) <= PcaModel::max_encoded_len(tokens as u64, dim as u64));
             let mut out = vec![0f32; v.len()];
             assert!(m.decode(&rec, &mut out));
             cos.extend(v.chunks_exact(dim).zip(out.chunks_exact(dim)).map(|(a, b)| cosine(a, b)));

@@ -110,9 +110,9 @@ impl Tables {
     }
 
     /// The largest record of `n` symbols: the header, one escape byte and
-    /// one word per symbol at most.
-    pub fn max_encoded_len(n: usize) -> usize {
-        4 + 4 * LANES + 3 * n
+    /// one word per symbol at most. `None` when it does not fit a `u64`.
+    pub fn max_encoded_len(n: u64) -> Option<u64> {
+        n.checked_mul(3)?.checked_add(4 + 4 * LANES as u64)
     }
 
     /// Append the record of `symbols` (context `j / run` for symbol `j`).
@@ -632,7 +632,7 @@ mod tests {
                 let s = symbols(&t, n, n as u64, run);
                 let mut rec = Vec::new();
                 t.encode(&s, run, &mut rec);
-                assert!(rec.len() <= Tables::max_encoded_len(n));
+                assert!(Some(rec.len() as u64) <= Tables::max_encoded_len(n as u64));
                 let (mut a, mut b) = (vec![0u8; n], vec![0u8; n]);
                 assert!(t.decode(&rec, run, &mut a), "run {run} n {n}");
                 assert!(t.decode_reference(&rec, run, &mut b), "run {run} n {n}");
