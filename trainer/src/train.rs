@@ -1009,16 +1009,7 @@ pub fn alignment(
     let batch = batch.min(source.num_images()).max(1);
     let steps = source.steps_per_epoch(batch);
     let masks = MaskGenerator::new(grid, grid, cfg.num_masked, cfg.masking);
-    let lc = LoaderConfig {
-        batch,
-        rows: 0..batch,
-        seed: cfg.seed ^ 0x000a_119e,
-        threads,
-        prefetch: 2,
-        image_size: cfg.model.image_size as u32,
-        grid,
-        teacher_inputs: false,
-    };
+    let lc = LoaderConfig { batch, seed: cfg.seed ^ 0x000a_119e, ..loader_config(cfg, 0..batch, threads, false) };
     let map = crate::loader::TargetMap::of(source.store(), tch::Device::Cpu);
     let rx = source.stream(lc, masks, 0, steps);
     let dim = i64::from(source.store().manifest().teacher.dim);
