@@ -39,6 +39,7 @@ PY_NUMPY=2.3.5
 PY_PILLOW=12.0.0
 PY_ONNX=1.19.1
 PY_ZSTANDARD=0.25.0               # shard-store/scripts/codec_study.py
+PY_MATPLOTLIB=3.10.8              # scripts/summarize_views.py (the views study plot)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 stamp_ok() { [[ -f "$DEPS/.stamp-$1" && "$(cat "$DEPS/.stamp-$1")" == "$2" ]]; }
@@ -132,7 +133,7 @@ fi
 
 # ---- 3. Python tools venv (fixtures, teacher graph edit, reference pipeline) --
 VENV="$DEPS/py"
-PY_PINS="numpy==$PY_NUMPY pillow==$PY_PILLOW onnx==$PY_ONNX onnxruntime==$ORT_VERSION zstandard==$PY_ZSTANDARD"
+PY_PINS="numpy==$PY_NUMPY pillow==$PY_PILLOW onnx==$PY_ONNX onnxruntime==$ORT_VERSION zstandard==$PY_ZSTANDARD matplotlib==$PY_MATPLOTLIB"
 if ! stamp_ok py "$PY_PINS"; then
   log "creating Python tools venv ($PY_PINS)"
   rm -rf "$VENV"

@@ -5,6 +5,13 @@
 //! teacher's differs). Batches are built on a thread pool and prefetched
 //! through a bounded channel.
 //!
+//! With fresh views ([`DataSource::with_fresh_views`], the authors' regime:
+//! K = infinity) each epoch instead draws a new view of every image from the
+//! store's own sampler (its seed and settings), numbered
+//! [`fresh_view`]`(epoch)`, a number no stored view has; the live teacher
+//! then computes its targets in the loop. Order and masks are the cached
+//! run's, so the two regimes differ only in the views.
+//!
 //! Memory: between epochs a process keeps only each image's id and view
 //! count (10 bytes). At each epoch a helper thread reads the index for the
 //! samples this process builds in the next epoch (its rows of every global
@@ -13,7 +20,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use caev2_views::{DECODER_ID, SplitMix64, ViewParams, decode_image, normalize_chw, render_crop};
+use caev2_views::{DECODER_ID, SplitMix64, ViewParams, ViewSampler, decode_image, normalize_chw, render_crop};
 use crossbeam_channel::{Receiver, bounded};
 use rayon::prelude::*;
 use shard_store::{Codec, Store, resample_grid};
@@ -29,6 +36,17 @@ pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 const TAG_ORDER: u64 = 0x006f_7264_6572;
 const TAG_VIEW: u64 = 0x7669_6577;
 const TAG_MASK: u64 = 0x6d61_736b;
+
+/// The view number of epoch 0's fresh views; epoch `e` draws view
+/// `FRESH_VIEW_BASE + e`. Stored views are numbered from 0 and a store holds
+/// far fewer than 2^31 per image, so a fresh view is never a stored one.
+pub const FRESH_VIEW_BASE: u32 = 1 << 31;
+
+/// The view number every image's fresh view of `epoch` is drawn with, or
+/// `None` past the 2^31 epochs that numbers can tell apart.
+pub fn fresh_view(epoch: u64) -> Option<u32> {
+    u32::try_from(epoch).ok().and_then(|e| FRESH_VIEW_BASE.checked_add(e))
+}
 
 /// Loader settings.
 #[derive(Debug, Clone)]
@@ -99,6 +117,9 @@ pub struct DataSource {
     ids: Vec<u64>,
     /// Number of such views of each image.
     counts: Vec<u16>,
+    /// Draw a fresh view of every image in every epoch with the store's
+    /// sampler instead of choosing a stored one.
+    fresh: Option<ViewSampler>,
 }
 
 impl DataSource {
@@ -156,7 +177,38 @@ impl DataSource {
                 views.map(|r| format!(" numbered {}..{}", r.start, r.end)).unwrap_or_default()
             )));
         }
-        Ok(Self { store: Arc::new(store), data: data.to_owned(), views, ids, counts })
+        Ok(Self { store: Arc::new(store), data: data.to_owned(), views, ids, counts, fresh: None })
+    }
+
+    /// The same images, but every epoch draws a new view of each from the
+    /// store's sampler (the manifest's seed and settings, as `extract` drew
+    /// the stored ones), numbered [`fresh_view`]`(epoch)`. The loader then
+    /// renders teacher inputs, not stored targets: train it with
+    /// [`LoaderConfig::teacher_inputs`] and a live teacher.
+    ///
+    /// # Errors
+    /// [`TrainError::Incompatible`] when the store could hold a view with a
+    /// fresh view's number, or when only some of its views are used (fresh
+    /// views use none of them).
+    pub fn with_fresh_views(mut self) -> Result<Self> {
+        let m = self.store.manifest();
+        let bad = |what: String| TrainError::Incompatible { store: self.store.paths().root().to_owned(), what };
+        if self.views.is_some() {
+            return Err(bad("fresh views use no stored view, so there is no stored view range to choose (drop --train-views)".into()));
+        }
+        if m.views.views_per_image >= FRESH_VIEW_BASE {
+            return Err(bad(format!(
+                "it stores {} views per image; fresh views are numbered from {FRESH_VIEW_BASE} and would repeat stored ones",
+                m.views.views_per_image
+            )));
+        }
+        self.fresh = Some(ViewSampler::new(m.views.seed, m.views.settings.clone()));
+        Ok(self)
+    }
+
+    /// Whether every epoch draws fresh views.
+    pub fn fresh_views(&self) -> bool {
+        self.fresh.is_some()
     }
 
     /// The store.
@@ -182,6 +234,10 @@ impl DataSource {
         order
             .into_iter()
             .map(|i| {
+                if self.fresh.is_some() {
+                    // the first stored view only gives the path and the size
+                    return (i, 0);
+                }
                 let n = u64::from(self.counts[i]);
                 (i, SplitMix64::keyed(seed, &[TAG_VIEW, epoch, self.ids[i]]).below(n) as usize)
             })
@@ -190,8 +246,16 @@ impl DataSource {
 
     /// The samples this process builds in epoch `epoch`: rows `rows` of each
     /// of the epoch's global batches of `batch`, in order, with their paths
-    /// and view parameters read from the index.
+    /// and view parameters read from the index (with fresh views: drawn
+    /// from the sampler for the image's size the index records).
     fn epoch_samples(&self, seed: u64, epoch: u64, batch: usize, rows: &std::ops::Range<usize>) -> Result<Vec<Sample>> {
+        let fresh = match &self.fresh {
+            Some(sampler) => {
+                let view = fresh_view(epoch).ok_or_else(|| TrainError::Loader(format!("epoch {epoch}: past the last fresh view")))?;
+                Some((sampler, view))
+            }
+            None => None,
+        };
         let plan = self.epoch_plan(seed, epoch);
         let steps = self.steps_per_epoch(batch) as usize;
         let mine: Vec<(usize, usize)> =
@@ -220,7 +284,11 @@ impl DataSource {
                     next += 1; // not in this shard's index any more: reported below
                 }
                 if next < wanted.len() && (wanted[next].0, wanted[next].1) == (row.image_id, ordinal) {
-                    found[wanted[next].2] = Some(Sample { image_id: row.image_id, path: row.path, view: row.view, params: row.params });
+                    let (view, params) = match fresh {
+                        Some((sampler, v)) => (v, sampler.sample(row.image_id, v, row.params.image_width, row.params.image_height)),
+                        None => (row.view, row.params),
+                    };
+                    found[wanted[next].2] = Some(Sample { image_id: row.image_id, path: row.path, view, params });
                     next += 1;
                 }
             }
@@ -241,9 +309,23 @@ impl DataSource {
             .collect()
     }
 
+    /// `(image id, view, parameters)` of every image's view in epoch
+    /// `epoch` of a run seeded `seed`, in the epoch's order: the stored view
+    /// chosen for it, or with fresh views the new one.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn epoch_views(&self, seed: u64, epoch: u64) -> Result<Vec<(u64, u32, ViewParams)>> {
+        Ok(self.epoch_samples(seed, epoch, 1, &(0..1))?.into_iter().map(|s| (s.image_id, s.view, s.params)).collect())
+    }
+
     /// Stream batches for global steps `start..end` on a background thread.
     pub fn stream(self: &Arc<Self>, cfg: LoaderConfig, masks: MaskGenerator, start: u64, end: u64) -> Receiver<Result<Batch>> {
         let (tx, rx) = bounded(cfg.prefetch.max(1));
+        if self.fresh.is_some() && !cfg.teacher_inputs {
+            let _ = tx.send(Err(TrainError::Loader("fresh views have no stored targets: they need a live teacher".into())));
+            return rx;
+        }
         let me = Arc::clone(self);
         std::thread::Builder::new()
             .name("caev2-loader".into())

@@ -55,6 +55,11 @@ pub struct TrainConfig {
     /// Train on stored views `0..N` only, holding the rest out for `eval align`.
     #[serde(default)]
     pub train_views: Option<u32>,
+    /// Draw a new view of every image in every epoch (the authors' regime,
+    /// K = infinity) and run `live_teacher` on it, instead of reading a
+    /// stored view's targets.
+    #[serde(default)]
+    pub fresh_views: bool,
 }
 
 /// How long a run trains: optimisation steps, or epochs of one stored view
@@ -124,6 +129,7 @@ impl TrainConfig {
             seed: 0,
             live_teacher: None,
             train_views,
+            fresh_views: false,
         })
     }
 }
@@ -173,6 +179,12 @@ impl TrainConfig {
         }
         if self.train_views == Some(0) {
             return bad("--train-views", &0, "train on at least one stored view");
+        }
+        if self.fresh_views && self.live_teacher.is_none() {
+            return bad("--fresh-views", &"", "fresh views have no stored targets: give the store's teacher with --live-teacher FILE.onnx");
+        }
+        if let (true, Some(n)) = (self.fresh_views, self.train_views) {
+            return bad("--train-views", &n, "fresh views use no stored view: drop --train-views or --fresh-views");
         }
         if !self.loss.visible && !self.loss.masked {
             return bad("--no-lv --no-lz", &"", "both losses are off: keep l_v or l_z");
@@ -457,14 +469,27 @@ fn open_metrics(out: &Path, resume: bool, start: u64) -> Result<(PathBuf, std::f
 }
 
 /// The store's own teacher for `--live-teacher` (checked by its SHA-256).
+/// With `--fresh-views` the store's targets must also be what this teacher
+/// computes on the CPU for a view of the store's settings, so that fresh
+/// and stored targets come from one distribution.
 fn live_teacher(cfg: &TrainConfig, m: &shard_store::Manifest, threads: usize) -> Result<Option<teacher::Teacher>> {
     let Some(p) = &cfg.live_teacher else { return Ok(None) };
+    let bad = |what: String| TrainError::Incompatible { store: cfg.store.clone(), what };
     let sha = teacher::sha256_file(p)?;
     if sha != m.teacher.onnx_sha256 {
-        return Err(TrainError::Incompatible {
-            store: cfg.store.clone(),
-            what: format!("--live-teacher {} is not the store's teacher (sha256 {sha} vs {})", p.display(), m.teacher.onnx_sha256),
-        });
+        return Err(bad(format!("--live-teacher {} is not the store's teacher (sha256 {sha} vs {})", p.display(), m.teacher.onnx_sha256)));
+    }
+    if cfg.fresh_views && m.teacher.precision != "fp32" {
+        return Err(bad(format!(
+            "--fresh-views: its targets came from the teacher in {}, the live teacher runs in fp32 on the CPU, so fresh targets would differ from stored ones",
+            m.teacher.precision
+        )));
+    }
+    if cfg.fresh_views && m.teacher.input_size != m.views.settings.teacher_size {
+        return Err(bad(format!(
+            "--fresh-views: its views were rendered at {} px for the teacher, the teacher takes {} px",
+            m.views.settings.teacher_size, m.teacher.input_size
+        )));
     }
     let spec = teacher::TeacherSpec {
         path: p.clone(),
@@ -733,7 +758,15 @@ fn open_setup(cfg: &TrainConfig, opts: &RunOptions, dist: &Dist) -> Result<Setup
 /// student with its batch and masking.
 fn open_source(cfg: &TrainConfig) -> Result<Arc<DataSource>> {
     let grid = cfg.model.grid() as usize;
-    let source = Arc::new(DataSource::open(&cfg.store, &cfg.data, cfg.model.image_size as u32, cfg.train_views.map(|n| 0..n))?);
+    let mut source = DataSource::open(&cfg.store, &cfg.data, cfg.model.image_size as u32, cfg.train_views.map(|n| 0..n))?;
+    if cfg.fresh_views {
+        source = source.with_fresh_views()?;
+        let last_epoch = cfg.steps.saturating_sub(1) / source.steps_per_epoch(cfg.batch).max(1);
+        if crate::loader::fresh_view(last_epoch).is_none() {
+            return Err(TrainError::setting("--steps", cfg.steps, "too many epochs for fresh views (at most 2^31)"));
+        }
+    }
+    let source = Arc::new(source);
     let dim = source.store().manifest().teacher.dim;
     if i64::from(dim) != cfg.model.target_dim {
         return Err(TrainError::Incompatible {
@@ -1059,6 +1092,36 @@ mod tests {
         let ids: Vec<i64> = vec![7, 8, 9, 10, 11, 12];
         let t = upload(&ids, &[3, 2], tch::Device::Cpu);
         assert_eq!((t.kind(), t.int64_value(&[2, 0])), (Kind::Int64, 11));
+    }
+
+    /// Library users get the refusals the command line's flags also make.
+    #[test]
+    fn fresh_views_need_a_live_teacher_and_no_stored_view_range() {
+        let cfg = TrainConfig {
+            store: "store".into(),
+            data: "data".into(),
+            model: ModelConfig::preset(Preset::Tiny, 24),
+            loss: LossConfig::default(),
+            masking: Masking::Block,
+            num_masked: 30,
+            batch: 4,
+            steps: 10,
+            lr: 1e-3,
+            min_lr: 1e-5,
+            warmup_steps: 1,
+            adamw: AdamWConfig::default(),
+            clip_grad: 3.0,
+            seed: 0,
+            live_teacher: None,
+            train_views: None,
+            fresh_views: true,
+        };
+        let e = cfg.validate().expect_err("no teacher").to_string();
+        assert!(e.contains("--fresh-views") && e.contains("--live-teacher"), "{e}");
+        let with_teacher = TrainConfig { live_teacher: Some("t.onnx".into()), ..cfg.clone() };
+        with_teacher.validate().expect("fresh views with a teacher");
+        let e = TrainConfig { train_views: Some(9), ..with_teacher }.validate().expect_err("a view range").to_string();
+        assert!(e.contains("--train-views"), "{e}");
     }
 
     #[test]

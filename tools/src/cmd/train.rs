@@ -128,6 +128,14 @@ pub struct TrainArgs {
     /// `caev2 eval align`.
     #[arg(long)]
     train_views: Option<u32>,
+    /// Train as the authors do, with K = infinity: in every epoch draw a NEW
+    /// view of every image from the store's own sampler (its seed and
+    /// augmentation settings, a view number no stored view has) and compute
+    /// its targets with --live-teacher in the loop. Same order and masks as
+    /// the cached run with the same seed; deterministic and resumable. The
+    /// baseline that shows what K stored views cost.
+    #[arg(long, requires = "live_teacher", conflicts_with = "train_views")]
+    fresh_views: bool,
     /// After training, evaluate the encoder with k-NN on this labelled folder
     /// (plus the random-init floor); results in RUN/eval.json.
     #[arg(long)]
@@ -185,6 +193,7 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
     cfg.clip_grad = a.clip_grad.unwrap_or(cfg.clip_grad);
     cfg.seed = a.seed;
     cfg.live_teacher = a.live_teacher.clone();
+    cfg.fresh_views = a.fresh_views;
     // torchrun / srun: this process is one rank of a data-parallel group
     let launch = trainer::dist::Launch::from_env().context("reading the launcher's environment")?;
     let ranks_here = std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0);
