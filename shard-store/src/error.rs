@@ -27,7 +27,7 @@ pub enum StoreError {
         what: String,
     },
     /// The file was written by a newer or unknown format version.
-    #[error("{path}: format version {found} is not supported (this build reads versions {oldest} to {supported})", oldest = crate::manifest::OLDEST_SUPPORTED_VERSION)]
+    #[error("{path}: format version {found} is not supported (this build reads versions {oldest} to {supported})", oldest = crate::format::OLDEST_SUPPORTED_VERSION)]
     UnsupportedVersion {
         /// The file.
         path: PathBuf,

@@ -22,30 +22,43 @@
 //! * [`recode`] writes a store again with another codec, without the teacher.
 //! * [`resample_grid`] maps targets between token grids (teacher 16x16 to
 //!   student 14x14, say).
+//!
+//! Layers, each module using only those above it in this list (the
+//! bottom of the crate first):
+//!
+//! 1. `format` (names and versions) and `error` (the typed errors);
+//! 2. `fs`: local paths, file permissions, atomic commits of files and
+//!    folders ([`write_file_atomic`], [`commit_folder`]);
+//! 3. the codecs' mathematics, knowing nothing of files: `rans` (the
+//!    entropy coder), `pca` (the fitted transform coder), `grid`;
+//! 4. `codec` (a record's bytes for each codec) and `index` (a shard's
+//!    Parquet rows);
+//! 5. `shard` (one shard file: writer, memory-mapped reader);
+//! 6. `manifest` (a store's identity, the shard headers it implies);
+//! 7. `store` (a store folder: claims, commits, reads) and `recode`.
 
 mod codec;
 mod error;
+mod format;
+mod fs;
 mod grid;
 mod index;
 mod manifest;
 mod pca;
 mod rans;
-pub use rans::decoder_name as pca_decoder_name;
 mod recode;
 mod shard;
 mod store;
 
 pub use codec::Codec;
 pub use error::{Result, StoreError};
+pub use format::{FORMAT_VERSION, MANIFEST_FILE, OLDEST_SUPPORTED_VERSION};
+pub use fs::{check_local, commit_folder, write_file_atomic};
 pub use grid::resample_grid;
 pub use index::{IndexRow, decode_index, encode_index, read_index, schema as index_schema};
-pub use manifest::{
-    CodecFit, DatasetInfo, FORMAT_VERSION, Layout, MANIFEST_FILE, Manifest, OLDEST_SUPPORTED_VERSION, TeacherInfo, ViewsInfo,
-    canonical_json,
-};
+pub use manifest::{CodecFit, DatasetInfo, Layout, Manifest, TeacherInfo, ViewsInfo, canonical_json};
 pub use pca::{PcaFit, PcaModel, fit_sample_images};
+pub use rans::decoder_name as pca_decoder_name;
 pub use recode::{Recoded, recode};
 pub use shard::{Entry, FOOTER_LEN, HEADER_LEN, RECORD_ALIGN, ShardHeader, ShardReader, ShardWriter};
-pub use store::{
-    ShardClaim, ShardReport, Skipped, Store, StorePaths, StoreWriter, TargetsRef, check_local, load_codec_model, write_file_atomic,
-};
+pub use store::{ShardClaim, ShardReport, Skipped, Store, StorePaths, StoreWriter, TargetsRef, load_codec_model};

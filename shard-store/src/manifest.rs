@@ -8,16 +8,9 @@ use sha2::{Digest, Sha256};
 
 use crate::codec::Codec;
 use crate::error::{Result, StoreError, io};
-
-/// The store format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
-/// The `format` field of every manifest.
-pub const FORMAT_NAME: &str = "caev2-store";
-/// Name of the manifest file in a store folder.
-pub const MANIFEST_FILE: &str = "manifest.json";
-
-/// The oldest store format version this build still reads.
-pub const OLDEST_SUPPORTED_VERSION: u32 = 1;
+use crate::format::{FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, OLDEST_SUPPORTED_VERSION};
+use crate::pca::{PcaFit, PcaModel};
+use crate::shard::ShardHeader;
 
 /// Write `v` as canonical JSON: no whitespace, object keys sorted by their
 /// bytes at every level, strings and numbers as serde_json writes them
@@ -81,6 +74,19 @@ pub struct TeacherInfo {
     pub dim: u32,
     /// Numeric precision the teacher ran in (`fp32`).
     pub precision: String,
+}
+
+impl TeacherInfo {
+    /// Fit the `pca` codec's model to `sample` (whole views of this
+    /// teacher's targets, `tokens x dim` each), keeping the fewest axes
+    /// that reach mean token cosine `cosine`.
+    ///
+    /// # Errors
+    /// As [`PcaModel::fit`].
+    pub fn fit_pca(&self, sample: &[f32], cosine: f32) -> Result<PcaModel> {
+        let g = self.grid;
+        PcaModel::fit(sample, self.tokens as usize, self.dim as usize, self.has_cls, (g[0] as usize, g[1] as usize), cosine)
+    }
 }
 
 /// How views were generated.
@@ -159,7 +165,7 @@ impl CodecFit {
     /// What a run with `codec` and `fit` asks for (`None` for codecs
     /// without a fit); the model's file and hash are filled in when the
     /// store is created.
-    pub fn asked(codec: Codec, fit: crate::pca::PcaFit) -> Option<Self> {
+    pub fn asked(codec: Codec, fit: PcaFit) -> Option<Self> {
         codec.needs_fit().then(|| Self { views: fit.views, cosine: fit.cosine, file: String::new(), sha256: String::new() })
     }
 }
@@ -273,9 +279,9 @@ impl Manifest {
     }
 
     /// The header every shard `s` of this store must carry.
-    pub fn shard_header(&self, s: u32) -> crate::shard::ShardHeader {
+    pub fn shard_header(&self, s: u32) -> ShardHeader {
         let range = self.layout.images_of(s, self.dataset.num_images);
-        crate::shard::ShardHeader {
+        ShardHeader {
             codec: self.codec,
             shard_index: s,
             views_per_image: self.views.views_per_image,

@@ -28,7 +28,6 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Result, StoreError};
-use crate::manifest::TeacherInfo;
 use crate::rans::{ESC, SYMBOLS, Tables};
 
 /// Magic bytes at the start of a model file.
@@ -211,15 +210,6 @@ impl PcaModel {
             Self::assemble(tokens, dim, has_cls, grid, step, fit_cosine, n_views as u64, model.mean, model.variance, model.basis, freqs)
                 .ok_or_else(|| StoreError::OutOfRange("pca fit: frequency tables".into()))?;
         Ok(model)
-    }
-
-    /// [`PcaModel::fit`] for `teacher`'s targets (its tokens, dims and grid).
-    ///
-    /// # Errors
-    /// As [`PcaModel::fit`].
-    pub fn fit_teacher(sample: &[f32], teacher: &TeacherInfo, cosine: f32) -> Result<Self> {
-        let g = teacher.grid;
-        Self::fit(sample, teacher.tokens as usize, teacher.dim as usize, teacher.has_cls, (g[0] as usize, g[1] as usize), cosine)
     }
 
     #[allow(clippy::too_many_arguments)]

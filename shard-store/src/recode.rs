@@ -8,7 +8,7 @@ use crate::codec::Codec;
 use crate::error::{Result, StoreError};
 use crate::index::IndexRow;
 use crate::manifest::{CodecFit, Manifest};
-use crate::pca::{PcaFit, PcaModel, fit_sample_images};
+use crate::pca::{PcaFit, fit_sample_images};
 use crate::store::{ShardReport, Store, StoreWriter};
 
 /// What [`recode`] did.
@@ -63,7 +63,7 @@ pub fn recode(src: &Store, dst: &Path, codec: Codec, fit: PcaFit, mut progress: 
                 }
             }
         }
-        PcaModel::fit_teacher(&sample, &m.teacher, fit.cosine)
+        m.teacher.fit_pca(&sample, fit.cosine)
     })?;
     let mut done = Recoded::default();
     for s in 0..m.layout.num_shards {

@@ -9,6 +9,8 @@ use memmap2::Mmap;
 
 use crate::codec::Codec;
 use crate::error::{Result, StoreError, io};
+use crate::fs::{sync_dir, temporary_beside};
+use crate::pca::PcaModel;
 
 /// Magic at the start of every shard.
 pub const SHARD_MAGIC: [u8; 8] = *b"CAE2SHRD";
@@ -143,7 +145,7 @@ pub struct ShardWriter {
     pos: u64,
     entries: Vec<Entry>,
     scratch: Vec<u8>,
-    pca: Option<std::sync::Arc<crate::pca::PcaModel>>,
+    pca: Option<std::sync::Arc<PcaModel>>,
 }
 
 impl ShardWriter {
@@ -152,14 +154,7 @@ impl ShardWriter {
     /// # Errors
     /// IO errors creating the temporary file.
     pub fn create(final_path: &Path, header: ShardHeader) -> Result<Self> {
-        let dir = final_path.parent().unwrap_or(Path::new("."));
-        let name = final_path.file_name().and_then(|n| n.to_str()).unwrap_or("shard");
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".tmp")
-            .permissions(crate::store::file_permissions())
-            .tempfile_in(dir)
-            .map_err(io(dir, "create temporary shard"))?;
+        let tmp = temporary_beside(final_path)?;
         let mut out = BufWriter::with_capacity(1 << 20, tmp);
         out.write_all(&header.encode()).map_err(io(final_path, "write shard header"))?;
         Ok(Self {
@@ -174,7 +169,7 @@ impl ShardWriter {
     }
 
     /// Encode with this fitted model (required for [`Codec::Pca`] shards).
-    pub fn with_pca(mut self, model: Option<std::sync::Arc<crate::pca::PcaModel>>) -> Self {
+    pub fn with_pca(mut self, model: Option<std::sync::Arc<PcaModel>>) -> Self {
         self.pca = model;
         self
     }
@@ -259,7 +254,7 @@ impl ShardWriter {
         tmp.as_file().sync_all().map_err(io(&path, "fsync shard"))?;
         let size = table_offset + tail.len() as u64 - table_start as u64;
         tmp.persist(&path).map_err(|e| StoreError::Io { path: path.clone(), op: "rename shard into place", source: e.error })?;
-        crate::store::sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+        sync_dir(path.parent().unwrap_or(Path::new(".")))?;
         Ok(size)
     }
 }

@@ -20,6 +20,7 @@ use sha2::Digest;
 
 use crate::codec::Codec;
 use crate::error::{Result, StoreError, io};
+use crate::fs::{Replace, atomic_write, check_local, remove_stale_temporaries, write_file_atomic};
 use crate::index::{IndexRow, decode_index, encode_index};
 use crate::manifest::{CodecFit, Manifest};
 use crate::pca::PcaModel;
@@ -106,85 +107,6 @@ impl StorePaths {
     pub fn lock(&self, s: u32) -> PathBuf {
         self.root.join("locks").join(format!("shard-{s:05}.lock"))
     }
-}
-
-/// Refuse paths that name a remote location (`scheme://...`), which would
-/// otherwise silently become a local folder named `scheme:`.
-///
-/// # Errors
-/// [`StoreError::NotLocal`].
-pub fn check_local(path: &Path) -> Result<()> {
-    let s = path.to_string_lossy();
-    let scheme = s.split_once("://").map(|(a, _)| a);
-    if scheme.is_some_and(|a| !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))) {
-        return Err(StoreError::NotLocal(path.to_owned()));
-    }
-    Ok(())
-}
-
-/// Permissions of every file a store writes: `0666` less the process's
-/// umask, as `File::create` would give (temporary files are created `0600`,
-/// which would hide a store from the other users of a shared file system).
-pub(crate) fn file_permissions() -> std::fs::Permissions {
-    use std::os::unix::fs::PermissionsExt;
-    static UMASK: OnceLock<u32> = OnceLock::new();
-    // read, not set: umask(2) would change it for every thread meanwhile
-    let umask = *UMASK.get_or_init(|| {
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Umask:").and_then(|v| u32::from_str_radix(v.trim(), 8).ok())))
-            .unwrap_or(0o022)
-    });
-    std::fs::Permissions::from_mode(0o666 & !umask)
-}
-
-/// fsync a directory so that renames inside it are durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir, "fsync folder"))
-}
-
-/// Write `bytes` to `path` atomically; returns the size.
-///
-/// # Errors
-/// IO errors naming `path`; nothing appears under `path` on failure.
-pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<u64> {
-    atomic_write(path, Replace::Yes, |mut f| f.write_all(bytes).map_err(io(path, "write"))).map(|len| len.unwrap_or(0))
-}
-
-/// Whether [`atomic_write`] may replace an existing file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Replace {
-    Yes,
-    /// Keep an existing file (a no-replace rename): of racing writers, one wins.
-    No,
-}
-
-/// Write a file atomically: a temporary file beside `path`, fsynced, renamed
-/// into place, folder fsynced. Returns the size, or `None` when `Replace::No`
-/// found the file already there (the temporary is then removed).
-fn atomic_write(path: &Path, replace: Replace, fill: impl FnOnce(&File) -> Result<()>) -> Result<Option<u64>> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .permissions(file_permissions())
-        .tempfile_in(dir)
-        .map_err(io(dir, "create temporary file"))?;
-    fill(tmp.as_file())?;
-    tmp.as_file().sync_all().map_err(io(path, "fsync"))?;
-    let len = tmp.as_file().metadata().map_err(io(path, "stat"))?.len();
-    let persisted = match replace {
-        Replace::Yes => tmp.persist(path).map(|_| ()),
-        Replace::No => tmp.persist_noclobber(path).map(|_| ()),
-    };
-    match persisted {
-        Ok(()) => {}
-        Err(e) if replace == Replace::No && e.error.kind() == std::io::ErrorKind::AlreadyExists => return Ok(None),
-        Err(e) => return Err(StoreError::Io { path: path.to_owned(), op: "rename into place", source: e.error }),
-    }
-    sync_dir(dir)?;
-    Ok(Some(len))
 }
 
 /// Read and check the fitted codec model a manifest names, if its codec
@@ -281,7 +203,8 @@ impl StoreWriter {
             std::fs::create_dir_all(&d).map_err(io(&d, "create folder"))?;
         }
         let path = Manifest::path(root);
-        let mut own_model = None;
+        // the model this process fitted and wrote, if it did
+        let mut own: Option<(String, PcaModel)> = None;
         if !path.exists() {
             let mut new = manifest.clone();
             if manifest.codec.needs_fit() {
@@ -294,8 +217,8 @@ impl StoreWriter {
                 atomic_write(&model_path, Replace::No, |mut f| {
                     f.write_all(model.to_bytes()).map_err(io(&model_path, "write codec model"))
                 })?;
-                new = manifest.clone().with_codec_fit(Some(CodecFit { file, sha256: model.sha256().to_owned(), ..settings }));
-                own_model = Some(model_path);
+                new = manifest.clone().with_codec_fit(Some(CodecFit { file: file.clone(), sha256: model.sha256().to_owned(), ..settings }));
+                own = Some((file, model));
             }
             // of two processes racing here, one wins and the other reads and
             // compares the winner's manifest below
@@ -304,12 +227,17 @@ impl StoreWriter {
         }
         let existing = Manifest::read(root)?;
         existing.check_same(root, manifest)?;
-        if let Some(own) = own_model
-            && existing.codec_fit.as_ref().map(|f| root.join(&f.file)) != Some(own.clone())
-        {
-            let _ = std::fs::remove_file(own); // lost the race: the winner's model is used
-        }
-        let pca = load_codec_model(root, &existing)?;
+        let winner = existing.codec_fit.as_ref().map(|f| f.file.as_str());
+        let pca = match own {
+            // this process's manifest won: its model is the one in memory
+            Some((file, model)) if winner == Some(file.as_str()) => Some(Arc::new(model)),
+            lost => {
+                if let Some((file, _)) = lost {
+                    let _ = std::fs::remove_file(root.join(file)); // lost the race: the winner's model is used
+                }
+                load_codec_model(root, &existing)?
+            }
+        };
         Ok(Self { paths: StorePaths::new(root), manifest: existing, pca })
     }
 
@@ -358,22 +286,6 @@ impl StoreWriter {
         }
         Ok(Some(ShardClaim { store: self, shard: s, _lock: file }))
     }
-}
-
-fn remove_stale_temporaries(final_path: &Path) -> Result<()> {
-    let (Some(dir), Some(name)) = (final_path.parent(), final_path.file_name().and_then(|n| n.to_str())) else {
-        return Ok(());
-    };
-    let prefix = format!(".{name}.");
-    for entry in std::fs::read_dir(dir).map_err(io(dir, "list folder"))? {
-        let entry = entry.map_err(io(dir, "list folder"))?;
-        let n = entry.file_name();
-        let n = n.to_string_lossy();
-        if n.starts_with(&prefix) && n.ends_with(".tmp") {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-    Ok(())
 }
 
 /// Exclusive ownership of one shard while it is written.
@@ -553,7 +465,8 @@ impl Store {
         self.paths.done(s).exists()
     }
 
-    /// The memory-mapped shard `s`, opened and checked on first use.
+    /// The memory-mapped shard `s`, opened and checked on first use and kept
+    /// mapped for the life of the store (readers come back to it).
     ///
     /// # Errors
     /// IO, corruption, or a shard that belongs to another store or
@@ -562,6 +475,20 @@ impl Store {
         let cell = self.shards.get(s as usize).ok_or_else(|| StoreError::OutOfRange(format!("shard {s} of {}", self.shards.len())))?;
         if let Some(r) = cell.get() {
             return Ok(r);
+        }
+        let _ = cell.set(self.open_shard(s)?);
+        Ok(cell.get().expect("set above"))
+    }
+
+    /// Shard `s` opened and checked as [`Store::shard`] does, but not kept:
+    /// its mapping ends with the reader, so a pass over every shard (a
+    /// verification) holds one shard at a time, not the whole store.
+    ///
+    /// # Errors
+    /// As [`Store::shard`].
+    pub fn open_shard(&self, s: u32) -> Result<ShardReader> {
+        if s as usize >= self.shards.len() {
+            return Err(StoreError::OutOfRange(format!("shard {s} of {}", self.shards.len())));
         }
         let path = self.paths.shard(s);
         let r = ShardReader::open(&path)?;
@@ -574,8 +501,7 @@ impl Store {
                 what: format!("header {h:?} does not match the manifest (expected {expect:?}); shard from another store?"),
             });
         }
-        let _ = cell.set(r);
-        Ok(cell.get().expect("set above"))
+        Ok(r)
     }
 
     /// The targets of view `view` of image `image_id`, in O(1) through the

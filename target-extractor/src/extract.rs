@@ -469,7 +469,7 @@ fn fit_codec(d: &Decode<'_>, teacher: &mut Teacher, manifest: &Manifest, per_vie
             expected: "a fit sample: none of the sampled images decoded".into(),
         });
     }
-    Ok(PcaModel::fit_teacher(&sample, &manifest.teacher, cfg.fit.cosine)?)
+    Ok(manifest.teacher.fit_pca(&sample, cfg.fit.cosine)?)
 }
 
 /// The manifest a run with `cfg` writes, given the loaded teacher and the

@@ -174,8 +174,11 @@ pub struct VerifyReport {
     pub shards_checked: u32,
     /// Views checked.
     pub views_checked: u64,
-    /// Problems found; empty when the store is intact.
+    /// Problems found (the first [`MAX_PROBLEMS_LISTED`]); empty when the
+    /// store is intact.
     pub problems: Vec<Problem>,
+    /// Problems found beyond those listed.
+    pub problems_not_listed: u64,
 }
 
 /// What [`verify_shard`] found in one shard.
@@ -198,7 +201,8 @@ fn verify_shard(store: &Store, s: u32) -> ShardCheck {
         Ok(None) => return failed("shard not complete (no done/ report)".into()),
         Err(e) => return failed(e.to_string()),
     };
-    let reader = match store.shard(s) {
+    // opened for this check alone: unmapped when it ends
+    let reader = match store.open_shard(s) {
         Ok(r) => r,
         Err(e) => return failed(e.to_string()),
     };
@@ -312,37 +316,56 @@ fn verify_shard(store: &Store, s: u32) -> ShardCheck {
     ShardCheck { views: rows.len() as u64, problems, paths: paths.collect() }
 }
 
-/// The manifest's file-list hash against the paths the store records
-/// (index rows and skipped files, as collected by [`verify_shard`]), when
-/// every image has one.
-fn verify_paths(store: &Store, named: impl Iterator<Item = (u64, String)>) -> Vec<Problem> {
-    let m = store.manifest();
-    let mut paths: Vec<Option<String>> = vec![None; usize::try_from(m.dataset.num_images).unwrap_or(0)];
-    for (id, path) in named {
-        if let Some(slot) = usize::try_from(id).ok().and_then(|i| paths.get_mut(i)) {
-            *slot = Some(path);
+/// The manifest's file-list hash, fed with each image's path in image
+/// order as the shards are checked (shards hold consecutive images).
+struct PathHash {
+    hasher: sha2::Sha256,
+    /// The next image whose path the hash wants.
+    next: u64,
+    /// An image had no path (reported per shard already): no hash to compare.
+    broken: bool,
+}
+
+impl PathHash {
+    fn new() -> Self {
+        Self { hasher: sha2::Sha256::new(), next: 0, broken: false }
+    }
+
+    /// The paths of one shard's images (index rows and skipped files).
+    fn add(&mut self, mut paths: Vec<(u64, String)>) {
+        paths.sort();
+        paths.dedup_by_key(|(id, _)| *id); // two paths for one image are reported per shard
+        for (id, path) in paths {
+            if id != self.next {
+                self.broken = true;
+                return;
+            }
+            self.hasher.update(path.as_bytes());
+            self.hasher.update(b"\n");
+            self.next += 1;
         }
     }
-    let mut h = sha2::Sha256::new();
-    for path in &paths {
-        let Some(path) = path else { return Vec::new() }; // reported per shard already
-        h.update(path.as_bytes());
-        h.update(b"\n");
-    }
-    if hex::encode(h.finalize()) == m.dataset.file_list_sha256 {
-        Vec::new()
-    } else {
-        vec![Problem {
+
+    /// Whether the paths hash to the manifest's, once every image had one.
+    fn check(self, m: &shard_store::Manifest) -> Option<Problem> {
+        if self.broken || self.next != m.dataset.num_images {
+            return None;
+        }
+        (hex::encode(self.hasher.finalize()) != m.dataset.file_list_sha256).then(|| Problem {
             shard: None,
             offset: None,
             what: "the image paths in the index and reports do not hash to the manifest's dataset.file_list_sha256 (a damaged path)".into(),
-        }]
+        })
     }
 }
 
+/// Problems [`verify`] lists in full; beyond them it only counts.
+pub const MAX_PROBLEMS_LISTED: usize = 1000;
+
 /// Check every checksum, that index and shards agree, that no view is
 /// missing or duplicated and that targets are finite. Shards are checked in
-/// parallel.
+/// parallel, a few per thread at a time, each mapped only while it is
+/// checked: memory is bounded by a few shards, not by the store.
 ///
 /// # Errors
 /// Only when the manifest cannot be read; everything else is a [`Problem`].
@@ -354,26 +377,35 @@ pub fn verify(root: &Path, progress: bool) -> Result<VerifyReport> {
         ProgressStyle::with_template("verify [{elapsed_precise}] {wide_bar} {pos}/{len} shards ETA {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let results: Vec<ShardCheck> = (0..n)
-        .into_par_iter()
-        .map(|s| {
-            let r = verify_shard(&store, s);
-            bar.inc(1);
-            r
-        })
-        .collect();
+    let window = (2 * rayon::current_num_threads()).max(1) as u32;
+    let mut report = VerifyReport { shards_checked: n, views_checked: 0, problems: Vec::new(), problems_not_listed: 0 };
+    let mut hash = PathHash::new();
+    for first in (0..n).step_by(window as usize) {
+        let checks: Vec<ShardCheck> = (first..n.min(first.saturating_add(window)))
+            .into_par_iter()
+            .map(|s| {
+                let r = verify_shard(&store, s);
+                bar.inc(1);
+                r
+            })
+            .collect();
+        for c in checks {
+            report.views_checked += c.views;
+            for problem in c.problems {
+                if report.problems.len() < MAX_PROBLEMS_LISTED {
+                    report.problems.push(problem);
+                } else {
+                    report.problems_not_listed += 1;
+                }
+            }
+            hash.add(c.paths);
+        }
+    }
     bar.finish_and_clear();
-    let views_checked = results.iter().map(|r| r.views).sum();
-    let mut problems: Vec<Problem> = Vec::new();
-    let mut paths = Vec::new();
-    for r in results {
-        problems.extend(r.problems);
-        paths.extend(r.paths);
+    if report.problems.is_empty() {
+        report.problems.extend(hash.check(store.manifest()));
     }
-    if problems.is_empty() {
-        problems = verify_paths(&store, paths.into_iter());
-    }
-    Ok(VerifyReport { shards_checked: n, views_checked, problems })
+    Ok(report)
 }
 
 /// Statistics of one view's targets.

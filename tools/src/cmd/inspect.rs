@@ -188,11 +188,14 @@ pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
                     let off = p.offset.map(|o| format!(" @ byte {o}")).unwrap_or_default();
                     println!("PROBLEM {shard}{off}: {}", p.what);
                 }
+                if r.problems_not_listed > 0 {
+                    println!("... and {} more problems, not listed", r.problems_not_listed);
+                }
                 println!(
                     "verify: {} shards, {} views checked, {} problems{}",
                     r.shards_checked,
                     r.views_checked,
-                    r.problems.len(),
+                    r.problems.len() as u64 + r.problems_not_listed,
                     if r.problems.is_empty() { ": store is intact" } else { "" }
                 );
             }
