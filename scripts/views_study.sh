@@ -23,7 +23,11 @@
 #
 # Killed, it resumes: rerun with the same settings and it keeps the store,
 # every run logged as done, and each unfinished run's last checkpoint (every
-# 500 steps). A run is redone only when its log line is missing. The binary
+# 500 steps). A run is redone only when its log line is missing. The log is
+# also kept in git (docs/views-study/log.jsonl, copied there after every
+# run): on a fresh checkout, where OUT is empty, the study starts from the
+# committed log, rebuilds the store (deterministic: the same bytes) and runs
+# only what the log lacks. The binary
 # is copied into OUT/bin once, so rebuilding the workspace while the study
 # runs changes nothing; every log line names the binary's SHA-256.
 # On 2 cores: about 8 hours with the defaults.
@@ -48,7 +52,12 @@ fi
 C="$OUT/bin/caev2"
 BIN_SHA=$(sha256sum "$C" | cut -c1-16)
 LOG="$OUT/log.jsonl"
-note() { echo "$1" >> "$LOG"; }
+KEPT=docs/views-study/log.jsonl
+if [ ! -f "$LOG" ] && [ -f "$KEPT" ]; then
+  cp "$KEPT" "$LOG"
+  echo "starting from the committed log $KEPT ($(grep -c '"what": "run"' "$LOG") finished runs)"
+fi
+note() { echo "$1" >> "$LOG"; mkdir -p "$(dirname "$KEPT")"; cp "$LOG" "$KEPT"; }
 now() { date +%s.%N; }
 logged() { [ -f "$LOG" ] && grep -q "$1" "$LOG"; }
 SETTINGS="{\"what\": \"settings\", \"K\": $K, \"epochs\": $EPOCHS, \"batch\": $BATCH, \"lr\": $LR, \"model\": \"$MODEL\", \"student_size\": $STUDENT_SIZE, \"teacher\": \"$TEACHER\", \"data\": \"$DATA\"}"

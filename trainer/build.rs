@@ -1,8 +1,9 @@
 //! 1. Link the test and bench binaries of this crate with an rpath to
 //!    libtorch (TOOLCHAIN.md): without it they fail with "libtorch_cpu.so:
 //!    cannot open shared object file" unless LD_LIBRARY_PATH is set.
-//! 2. Compile `src/autocast.cpp`, which sets the CUDA autocast dtype to
-//!    bfloat16 (tch exposes autocast but not its dtype).
+//! 2. Compile `src/runtime.cpp`, which sets the CUDA autocast dtype to
+//!    bfloat16 (tch exposes autocast but not its dtype) and tells
+//!    libtorch's version.
 //! 3. Compile `src/optim.cpp`: ATen's fused AdamW and sync-free gradient
 //!    clipping (multi-tensor kernels tch does not wrap).
 //! 4. Compile `src/dist.cpp`, the binding to libtorch's c10d (TCPStore +
@@ -23,14 +24,14 @@ fn torch_build(include: &std::path::Path) -> cc::Build {
 }
 
 fn main() {
-    println!("cargo:rerun-if-changed=src/autocast.cpp");
+    println!("cargo:rerun-if-changed=src/runtime.cpp");
     println!("cargo:rerun-if-changed=src/dist.cpp");
     println!("cargo:rerun-if-changed=src/optim.cpp");
     println!("cargo:rerun-if-env-changed=CAEV2_GLOO_INCLUDE");
     let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys reports DEP_TCH_LIBTORCH_LIB"));
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     let include = lib.parent().expect("libtorch root").join("include");
-    torch_build(&include).file("src/autocast.cpp").compile("caev2_autocast");
+    torch_build(&include).file("src/runtime.cpp").compile("caev2_runtime");
     torch_build(&include).file("src/optim.cpp").compile("caev2_optim");
 
     let gloo = std::env::var_os("CAEV2_GLOO_INCLUDE").map(PathBuf::from).unwrap_or_else(|| {

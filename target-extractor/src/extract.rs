@@ -92,7 +92,9 @@ pub const DEFAULT_IMAGES_PER_SHARD: u32 = 256;
 /// Default student input size (the paper's 224 px).
 pub const DEFAULT_STUDENT_SIZE: u32 = 224;
 
-fn cores() -> usize {
+/// Cores of this machine: the default of every `--threads` (the trainer's
+/// too, through the command line).
+pub fn cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 

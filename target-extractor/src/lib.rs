@@ -23,5 +23,5 @@ pub use dataset::{Dataset, IMAGE_EXTENSIONS, ImageFile};
 pub use error::{ExtractError, Result};
 pub use extract::{
     DEFAULT_BATCH, DEFAULT_IMAGES_PER_SHARD, DEFAULT_STUDENT_SIZE, DEFAULT_VIEWS, ExtractConfig, ExtractSummary, MAX_BATCH, MAX_VIEWS,
-    build_manifest, run_extract,
+    build_manifest, cores, run_extract,
 };

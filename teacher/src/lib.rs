@@ -17,5 +17,5 @@ mod model;
 pub use error::{Result, TeacherError};
 pub use model::{
     ClipModel, Teacher, TeacherDevice, TeacherSpec, deps_dir, environment, gpu_deps_dir, gpu_unavailable, models_dir, ort_library,
-    parse_triple, sha256_file,
+    ort_version, parse_triple, sha256_file,
 };

@@ -148,6 +148,34 @@ pub fn environment() -> Result<&'static Environment> {
     .map_err(|e| TeacherError::Runtime(e.clone()))
 }
 
+/// The version of ONNX Runtime's library (`1.31.1`), loading it if it is
+/// not loaded yet; `None` where it cannot be loaded.
+pub fn ort_version() -> Option<String> {
+    environment().ok()?;
+    let lib = std::ffi::CString::new(ort_library().into_os_string().into_encoded_bytes()).ok()?;
+    // SAFETY: RTLD_NOLOAD finds the library environment() loaded (no new
+    // load); OrtGetApiBase takes nothing and returns a static table whose
+    // GetVersionString returns a static NUL-terminated string.
+    unsafe {
+        let handle = libc::dlopen(lib.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+        if handle.is_null() {
+            return None;
+        }
+        let get = libc::dlsym(handle, c"OrtGetApiBase".as_ptr());
+        libc::dlclose(handle);
+        if get.is_null() {
+            return None;
+        }
+        let get: unsafe extern "C" fn() -> *const ort::sys::OrtApiBase = std::mem::transmute(get);
+        let base = get();
+        if base.is_null() {
+            return None;
+        }
+        let v = ((*base).GetVersionString)();
+        (!v.is_null()).then(|| std::ffi::CStr::from_ptr(v).to_string_lossy().into_owned())
+    }
+}
+
 /// What the user said about the teacher; `None` fields come from the
 /// model's `caev2.*` metadata.
 #[derive(Debug, Clone, Default)]

@@ -32,8 +32,22 @@ fn small_store(tmp: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn train(store: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output {
-    let mut args =
-        vec!["train", "--shards", s(store), "--data", s(data), "--out", s(out), "--batch", "2", "--device", "cpu", "--no-progress"];
+    let mut args = vec![
+        "train",
+        "--shards",
+        s(store),
+        "--data",
+        s(data),
+        "--out",
+        s(out),
+        "--batch",
+        "2",
+        "--min-lr",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ];
     args.extend_from_slice(extra);
     run(&args)
 }
@@ -252,8 +266,21 @@ fn huge_or_odd_arguments_are_refused_before_anything_is_written() {
         ("--peak-tflops", "inf"),
     ] {
         let arg = format!("{flag}={value}");
-        let e =
-            failed(&run(&["train", "--shards", s(&out), "--data", s(&data), "--out", s(&run_dir), "--batch", "1", "--steps", "1", &arg]));
+        let e = failed(&run(&[
+            "train",
+            "--shards",
+            s(&out),
+            "--data",
+            s(&data),
+            "--out",
+            s(&run_dir),
+            "--batch",
+            "1",
+            "--steps",
+            "1",
+            "--min-lr=0",
+            &arg,
+        ]));
         assert!(e.contains(flag), "{e}");
         assert!(!run_dir.exists());
     }

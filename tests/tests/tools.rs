@@ -55,6 +55,8 @@ fn fixture() -> &'static Fixture {
             "2",
             "--steps",
             "3",
+            "--lr",
+            "5e-4",
             "--device",
             "cpu",
             "--no-progress",
@@ -185,7 +187,23 @@ fn recode_writes_what_extract_would_have_written() {
     let c16 = json(&["inspect", "compare", s(&f.f32), s(&f.f16), "--json"]);
     assert!(c["bytes_per_view_b"].as_f64().expect("b") < c16["bytes_per_view_b"].as_f64().expect("b"), "{c} {c16}");
     let run8 = tmp.path().join("run8");
-    run_ok(&["train", "--shards", s(&r8), "--data", s(&f.data), "--out", s(&run8), "--batch", "2", "--steps", "2", "--device", "cpu"]);
+    run_ok(&[
+        "train",
+        "--shards",
+        s(&r8),
+        "--data",
+        s(&f.data),
+        "--out",
+        s(&run8),
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--lr",
+        "5e-4",
+        "--device",
+        "cpu",
+    ]);
     assert_eq!(losses(&run8).len(), 2);
 
     // a lost shard is rewritten, the rest kept
@@ -349,7 +367,23 @@ fn pca_codec_fits_once_and_is_checked() {
     assert_eq!(files(&rp), files(&p), "recoded pca differs from extracted pca");
 
     let runp = tmp2.path().join("runp");
-    run_ok(&["train", "--shards", s(&p), "--data", s(&f.data), "--out", s(&runp), "--batch", "2", "--steps", "2", "--device", "cpu"]);
+    run_ok(&[
+        "train",
+        "--shards",
+        s(&p),
+        "--data",
+        s(&f.data),
+        "--out",
+        s(&runp),
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--lr",
+        "5e-4",
+        "--device",
+        "cpu",
+    ]);
     let l = losses(&runp);
     assert!(l.len() == 2 && l.iter().all(|x| x.1.is_finite() && x.1 > 0.0), "{l:?}");
 
@@ -411,7 +445,23 @@ fn pca_codec_fits_once_and_is_checked() {
     std::fs::write(&model, &bytes).expect("damage");
     for args in [
         vec!["inspect", "verify", s(&p)],
-        vec!["train", "--shards", s(&p), "--data", s(&f.data), "--out", s(&runp), "--batch", "2", "--steps", "4", "--device", "cpu"],
+        vec![
+            "train",
+            "--shards",
+            s(&p),
+            "--data",
+            s(&f.data),
+            "--out",
+            s(&runp),
+            "--batch",
+            "2",
+            "--steps",
+            "4",
+            "--lr",
+            "5e-4",
+            "--device",
+            "cpu",
+        ],
     ] {
         let out = run(&args);
         let e = String::from_utf8_lossy(&out.stderr).into_owned();

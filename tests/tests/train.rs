@@ -302,7 +302,20 @@ fn losses_do_not_depend_on_how_often_they_are_read_back() {
     let train = |every: &str, peak: &str| {
         let run_dir = tmp.path().join(format!("every-{every}"));
         let args = ["train", "--shards", s(store), "--data", s(data), "--out", s(&run_dir), "--batch", "2", "--steps", "6"];
-        let more = ["--warmup-steps", "1", "--device", "cpu", "--metrics-every", every, "--checkpoint-every", "4", "--peak-tflops", peak];
+        let more = [
+            "--lr",
+            "5e-4",
+            "--warmup-steps",
+            "1",
+            "--device",
+            "cpu",
+            "--metrics-every",
+            every,
+            "--checkpoint-every",
+            "4",
+            "--peak-tflops",
+            peak,
+        ];
         run_ok(&[&args[..], &more[..], &["--no-progress"]].concat());
         run_dir
     };
@@ -329,6 +342,8 @@ fn losses_do_not_depend_on_how_often_they_are_read_back() {
         "4",
         "--steps",
         "5",
+        "--lr",
+        "5e-4",
         "--loader-only",
         "--threads",
         "1",

@@ -1,6 +1,8 @@
 //! `caev2 eval`: k-NN and linear-probe quality of an encoder's features on a
 //! labelled image folder, for a trainer checkpoint, a random-init encoder of
-//! the same size (the floor) and the teacher's ONNX model (the ceiling).
+//! the same size (the floor) and the teacher's ONNX model (the ceiling);
+//! and [`alignment`], a student's cosine to the teacher's targets on
+//! held-out stored views.
 //!
 //! Images are resized (shorter side to 256/224 of the input size, Pillow
 //! bicubic) and centre-cropped, as in the usual evaluation transforms.
@@ -10,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use caev2_views::{RgbImage, SplitMix64, decode_image, normalize_chw, resize_bicubic};
@@ -19,7 +22,9 @@ use target_extractor::Dataset;
 use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, Tensor, nn};
 use teacher::{Teacher, TeacherSpec};
-use trainer::model::{Cae2, ModelConfig, Preset};
+use trainer::loader::{DataSource, LoaderConfig, TargetMap};
+use trainer::masking::MaskGenerator;
+use trainer::model::{Cae2, ModelConfig, Pass, Preset};
 
 /// A labelled image folder.
 #[derive(Debug, Clone)]
@@ -361,6 +366,52 @@ pub fn format_table(rows: &[EvalRow], set: &Labelled, cfg: &EvalConfig) -> Strin
         s.push_str(&format!("{:<60} {:<5} {:>5} {:>8} {:>8}\n", r.encoder, r.feature, r.dim, pct(r.knn), pct(r.linear)));
     }
     s
+}
+
+/// Mean cosine between a student's predictions and the (L2-normalised)
+/// teacher targets on the stored views `views` (e.g. views held out with
+/// `train_views`): `(visible incl. CLS, masked)`, with the run's masking.
+/// (The same masks for a student and its step-0 floor: they come from the
+/// run's seed.)
+///
+/// # Errors
+/// Store, data or model errors.
+pub fn alignment(
+    loaded: &trainer::LoadedModel,
+    store: &Path,
+    data: &Path,
+    views: std::ops::Range<u32>,
+    batch: usize,
+    threads: usize,
+) -> Result<(f64, f64)> {
+    let cfg = &loaded.config;
+    let grid = cfg.model.grid() as usize;
+    let source = Arc::new(DataSource::open(store, data, cfg.model.image_size as u32, Some(views))?);
+    let batch = batch.min(source.num_images()).max(1);
+    let steps = source.steps_per_epoch(batch);
+    let masks = MaskGenerator::new(grid, grid, cfg.num_masked, cfg.masking);
+    let lc = LoaderConfig { batch, seed: cfg.seed ^ 0x000a_119e, ..trainer::loader_config(cfg, 0..batch, threads, false) };
+    let map = TargetMap::of(source.store(), tch::Device::Cpu);
+    let rx = source.stream(lc, masks, 0, steps);
+    let dim = i64::from(source.store().manifest().teacher.dim);
+    let (b, s, np, nm) = (batch as i64, cfg.model.image_size, (grid * grid) as i64, cfg.num_masked as i64);
+    let (mut sv, mut sz, mut n) = (0f64, 0f64, 0f64);
+    for batch_data in rx {
+        let bd = batch_data?;
+        let images = Tensor::from_slice(&bd.images).view([b, 3, s, s]);
+        let stored = Tensor::from_slice(&bd.targets).view([b, 1 + np, dim]);
+        let targets = trainer::loss::l2_normalize(&map.as_ref().map_or(stored.shallow_clone(), |m| m.apply(&stored)));
+        let visible = Tensor::from_slice(&bd.visible).view([b, np - nm]);
+        let masked = Tensor::from_slice(&bd.masked).view([b, nm]);
+        let out = tch::no_grad(|| loaded.model.forward(&images, &visible, &masked, Pass::Eval));
+        let patches = targets.narrow(1, 1, np);
+        let tv = Tensor::cat(&[targets.narrow(1, 0, 1), patches.gather(1, &visible.unsqueeze(-1).expand([-1, -1, dim], false), false)], 1);
+        let tz = patches.gather(1, &masked.unsqueeze(-1).expand([-1, -1, dim], false), false);
+        sv += (&out.visible * tv).sum_dim_intlist(&[-1i64][..], false, Kind::Float).mean(Kind::Float).double_value(&[]);
+        sz += (&out.masked * tz).sum_dim_intlist(&[-1i64][..], false, Kind::Float).mean(Kind::Float).double_value(&[]);
+        n += 1.0;
+    }
+    Ok((sv / n.max(1.0), sz / n.max(1.0)))
 }
 
 #[cfg(test)]

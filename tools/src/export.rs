@@ -36,6 +36,8 @@ pub struct ExportConfig {
     pub source: String,
     /// Pretraining steps of that checkpoint.
     pub steps: u64,
+    /// How its run ran (the run folder's `run.json`), when recorded.
+    pub provenance: Option<trainer::Provenance>,
 }
 
 /// What `export` wrote.
@@ -98,6 +100,7 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<Exported> {
         std: trainer::loader::IMAGENET_STD,
         source: checkpoint.display().to_string(),
         steps,
+        provenance: loaded.provenance.clone(),
     };
     let config = out.with_extension("json");
     std::fs::write(&config, serde_json::to_vec_pretty(&cfg)?).with_context(|| format!("writing {}", config.display()))?;

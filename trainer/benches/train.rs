@@ -87,6 +87,7 @@ fn main() {
             launch: None,
             dist_timeout: trainer::DEFAULT_DIST_TIMEOUT,
             dist_backend: trainer::dist::Backend::Auto,
+            program: trainer::Program::default(),
         };
         let s = run_train(&cfg(live), &opts).expect("train");
         // skip the first step (allocations, caches)

@@ -255,6 +255,14 @@ impl Dist {
         Self { group: None, nccl: None, rank: 0, world: 1, local_rank: 0, launcher: "single" }
     }
 
+    /// Join the group `launch` describes, or train alone without one.
+    ///
+    /// # Errors
+    /// As [`Dist::connect`].
+    pub fn join(launch: Option<&Launch>, timeout: Duration) -> Result<Self> {
+        launch.map_or_else(|| Ok(Self::single()), |l| Self::connect(l, timeout))
+    }
+
     /// Join the group `launch` describes (every rank must call this), with
     /// `timeout` for the rendezvous and for every collective.
     ///
@@ -448,31 +456,39 @@ impl Dist {
     /// # Errors
     /// This rank's error, or [`TrainError::Distributed`].
     pub fn agree<T>(&self, phase: &str, result: Result<T>) -> Result<T> {
+        self.agree_and_gather(phase, result, &[]).map(|(v, _)| v)
+    }
+
+    /// [`Dist::agree`] that also gathers every rank's `payload` (the same
+    /// length on every rank; by rank), in the same single collective: what
+    /// each rank opened, its settings' digest, its device.
+    ///
+    /// # Errors
+    /// As [`Dist::agree`].
+    pub fn agree_and_gather<T>(&self, phase: &str, result: Result<T>, payload: &[f64]) -> Result<(T, Vec<Vec<f64>>)> {
         if self.group.is_none() {
-            return result;
+            return result.map(|v| (v, vec![payload.to_vec()]));
         }
-        let all = self.all_gather(&[f64::from(u8::from(result.is_err()))])?;
+        let mut row = Vec::with_capacity(1 + payload.len());
+        row.push(f64::from(u8::from(result.is_err())));
+        row.extend_from_slice(payload);
+        let all = self.all_gather(&row)?;
         let bad: Vec<String> = all.iter().enumerate().filter(|(_, f)| f[0] > 0.0).map(|(r, _)| r.to_string()).collect();
         match result {
             Err(e) => Err(e),
             Ok(_) if !bad.is_empty() => Err(self.error(format!("{phase} failed on rank(s) {} (see their output)", bad.join(", ")))),
-            Ok(v) => Ok(v),
+            Ok(v) => Ok((v, all.into_iter().map(|r| r[1..].to_vec()).collect())),
         }
     }
 
-    /// Check that every rank holds the same `digest` (of its settings), so
-    /// ranks started with different arguments are refused at start-up.
+    /// Check that every rank's digest (of its settings, from
+    /// [`digest_payload`], gathered by rank) equals rank 0's, so ranks
+    /// started with different arguments are refused at start-up.
     ///
     /// # Errors
     /// [`TrainError::Distributed`] naming the ranks that differ from rank 0.
-    pub fn check_same(&self, what: &str, digest: &[u8; 32]) -> Result<()> {
-        if self.group.is_none() {
-            return Ok(());
-        }
-        // 16-bit pieces are exact in f64
-        let pieces: Vec<f64> = digest.chunks(2).map(|c| f64::from(u16::from_le_bytes([c[0], c[1]]))).collect();
-        let all = self.all_gather(&pieces)?;
-        let differ: Vec<String> = (1..self.world).filter(|&r| all[r] != all[0]).map(|r| r.to_string()).collect();
+    pub fn check_same(&self, what: &str, digests: &[&[f64]]) -> Result<()> {
+        let differ: Vec<String> = (1..digests.len()).filter(|&r| digests[r] != digests[0]).map(|r| r.to_string()).collect();
         if differ.is_empty() {
             Ok(())
         } else {
@@ -491,16 +507,41 @@ impl Dist {
     }
 }
 
+/// A digest as numbers exact in f64 (16-bit pieces), for
+/// [`Dist::agree_and_gather`].
+pub fn digest_payload(digest: &[u8; 32]) -> Vec<f64> {
+    digest.chunks(2).map(|c| f64::from(u16::from_le_bytes([c[0], c[1]]))).collect()
+}
+
+/// `text` as `len` bytes (cut or padded with zeros), one number each, for
+/// [`Dist::agree_and_gather`]; [`text_of_payload`] reads it back.
+pub fn text_payload(text: &str, len: usize) -> Vec<f64> {
+    let mut out: Vec<f64> = text.bytes().take(len).map(f64::from).collect();
+    out.resize(len, 0.0);
+    out
+}
+
+/// The text of a [`text_payload`].
+pub fn text_of_payload(payload: &[f64]) -> String {
+    let bytes: Vec<u8> = payload.iter().map(|&b| b as u8).take_while(|&b| b != 0).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// This machine's host name.
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: a buffer of the length passed; gethostname NUL-terminates
+    // (or truncates, which only shortens the name).
+    unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len() - 1) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
 /// This host, as a number exact in f64: 48 bits of a hash of its name.
 fn host_id() -> f64 {
     use std::hash::{Hash, Hasher};
-    let mut buf = [0u8; 256];
-    // SAFETY: a buffer of the length passed; gethostname NUL-terminates
-    // (or truncates, which only shortens the name hashed).
-    unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len() - 1) };
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    buf[..end].hash(&mut h);
+    host_name().hash(&mut h);
     (h.finish() >> 16) as f64
 }
 
@@ -601,10 +642,13 @@ mod tests {
             d.average_gradients(&grads).expect("test setup");
             let state = [Tensor::full([2], 10.0 + rank as f64, (Kind::Float, tch::Device::Cpu))];
             d.copy_from_main(&state).expect("test setup");
-            let same = d.check_same("settings", &[7u8; 32]).is_ok();
+            let gathered = |digest: &[u8; 32]| d.agree_and_gather("settings", Ok(()), &digest_payload(digest)).expect("gathered").1;
+            let rows = gathered(&[7u8; 32]);
+            let same = d.check_same("settings", &rows.iter().map(Vec::as_slice).collect::<Vec<_>>()).is_ok();
             let mut digest = [7u8; 32];
             digest[31] = rank as u8;
-            let differ = d.check_same("settings", &digest).map_err(|e| e.to_string());
+            let rows = gathered(&digest);
+            let differ = d.check_same("settings", &rows.iter().map(Vec::as_slice).collect::<Vec<_>>()).map_err(|e| e.to_string());
             let agreed =
                 d.agree("opening", if rank == 1 { Err(TrainError::Loader("x".into())) } else { Ok(()) }).map_err(|e| e.to_string());
             (

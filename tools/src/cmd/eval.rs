@@ -111,16 +111,18 @@ pub fn run(cmd: EvalCommand) -> Result<ExitCode> {
             let loaded = trainer::load_checkpoint(&checkpoint, tch::Device::Cpu)?;
             let store = shards.unwrap_or_else(|| loaded.config.store.clone());
             let data = data.unwrap_or_else(|| loaded.config.data.clone());
-            let (v, z) = trainer::alignment(&loaded, &store, &data, views.clone(), batch, threads)?;
+            let (v, z) = tools::eval::alignment(&loaded, &store, &data, views.clone(), batch, threads)?;
             let floor = if no_random {
                 None
             } else {
                 let init = trainer::initial_model(&loaded, tch::Device::Cpu);
-                Some(trainer::alignment(&init, &store, &data, views.clone(), batch, threads)?)
+                Some(tools::eval::alignment(&init, &store, &data, views.clone(), batch, threads)?)
             };
             if json {
-                let mut j =
-                    serde_json::json!({"checkpoint": checkpoint, "views": [views.start, views.end], "align_visible": v, "align_masked": z});
+                let mut j = serde_json::json!({
+                    "checkpoint": checkpoint, "views": [views.start, views.end], "align_visible": v, "align_masked": z,
+                    "provenance": loaded.provenance,
+                });
                 if let Some((rv, rz)) = floor {
                     j["random_visible"] = rv.into();
                     j["random_masked"] = rz.into();
@@ -171,8 +173,16 @@ fn run_probe(a: EvalArgs, knn: bool) -> Result<ExitCode> {
     }
     let cfg = EvalConfig { knn, linear: !knn, k: a.k, folds: a.folds, seed: a.seed, epochs: a.epochs, lr: a.lr, batch: 32, threads };
     let rows = evaluate(&encoders, &set, &cfg)?;
-    let j =
-        serde_json::json!({"data": a.data, "images": set.files.len(), "classes": set.classes, "folds": a.folds, "k": a.k, "rows": rows});
+    // how each checkpoint's run ran, by the path given
+    let provenance: serde_json::Map<String, serde_json::Value> = a
+        .checkpoint
+        .iter()
+        .map(|c| (c.display().to_string(), serde_json::to_value(trainer::provenance_of(c)).unwrap_or_default()))
+        .collect();
+    let j = serde_json::json!({
+        "data": a.data, "images": set.files.len(), "classes": set.classes, "folds": a.folds, "k": a.k, "rows": rows,
+        "provenance": provenance,
+    });
     if let Some(o) = &a.out {
         std::fs::write(o, serde_json::to_vec_pretty(&j)?).with_context(|| format!("writing {}", o.display()))?;
     }

@@ -43,9 +43,17 @@ impl FitArgs {
     }
 }
 
-/// Cores of this machine.
-pub fn cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+pub use target_extractor::cores;
+
+/// This program, for a run's provenance (`run.json`): its version, the git
+/// commit it was built from (when built in a git checkout) and its command
+/// line.
+pub fn program() -> trainer::Program {
+    trainer::Program {
+        version: format!("caev2 {}", env!("CARGO_PKG_VERSION")),
+        git_commit: option_env!("CAEV2_GIT_COMMIT").map(str::to_owned),
+        args: std::env::args().collect(),
+    }
 }
 
 /// Whether to draw a progress bar: asked for, and stderr is a terminal.

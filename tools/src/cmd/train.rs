@@ -212,6 +212,7 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         launch,
         dist_timeout: std::time::Duration::from_secs(a.dist_timeout.max(1)),
         dist_backend: a.dist_backend.parse().map_err(anyhow::Error::msg)?,
+        program: super::program(),
     };
     if a.loader_only {
         let l = trainer::measure_loader(&cfg, opts.threads, cfg.steps).context("measuring the loader")?;
