@@ -1,8 +1,14 @@
 //! The store format's names and versions (FORMAT.md), at the bottom of the
 //! crate so that every layer, errors included, can name them.
 
-/// The store format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest store format version this build writes and reads: 2, a
+/// store that carries its images (version 1 otherwise, which this build
+/// still writes for stores without them).
+pub const FORMAT_VERSION: u32 = 2;
+/// The version of a store without embedded images.
+pub const PLAIN_FORMAT_VERSION: u32 = 1;
+/// The version of a store with embedded images (`images: "embedded"`).
+pub const EMBEDDED_IMAGES_VERSION: u32 = 2;
 /// The `format` field of every manifest.
 pub const FORMAT_NAME: &str = "caev2-store";
 /// Name of the manifest file in a store folder.

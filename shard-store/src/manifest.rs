@@ -8,7 +8,8 @@ use sha2::{Digest, Sha256};
 
 use crate::codec::Codec;
 use crate::error::{Result, StoreError, io};
-use crate::format::{FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, OLDEST_SUPPORTED_VERSION};
+use crate::format::{EMBEDDED_IMAGES_VERSION, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, OLDEST_SUPPORTED_VERSION, PLAIN_FORMAT_VERSION};
+use crate::images::ImagePackHeader;
 use crate::pca::{PcaFit, PcaModel};
 use crate::shard::ShardHeader;
 
@@ -170,12 +171,15 @@ impl CodecFit {
     }
 }
 
+/// The `images` value of a store that carries its images.
+const EMBEDDED: &str = "embedded";
+
 /// The manifest of a store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     /// Always `"caev2-store"`.
     pub format: String,
-    /// [`FORMAT_VERSION`] of the writer.
+    /// 1, or 2 for a store that carries its images.
     pub format_version: u32,
     /// First 12 bytes of the SHA-256 of the identity fields, hex; also in
     /// every shard header.
@@ -191,6 +195,11 @@ pub struct Manifest {
     pub codec_fit: Option<CodecFit>,
     /// The images.
     pub dataset: DatasetInfo,
+    /// `"embedded"` when every shard carries its images' file bytes in an
+    /// image pack (format version 2); absent when the images are read from
+    /// the dataset folder (version 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<String>,
     /// Sharding.
     pub layout: Layout,
     /// Program that created the store (informational).
@@ -202,18 +211,45 @@ impl Manifest {
     pub fn new(teacher: TeacherInfo, views: ViewsInfo, codec: Codec, dataset: DatasetInfo, layout: Layout, created_by: String) -> Self {
         let mut m = Self {
             format: FORMAT_NAME.into(),
-            format_version: FORMAT_VERSION,
+            format_version: PLAIN_FORMAT_VERSION,
             store_id: String::new(),
             teacher,
             views,
             codec,
             codec_fit: None,
             dataset,
+            images: None,
             layout,
             created_by,
         };
         m.store_id = m.compute_store_id();
         m
+    }
+
+    /// This manifest for a store that carries its images (`embed`) or not:
+    /// format version 2 with `images: "embedded"`, or version 1 (the
+    /// `store_id` follows).
+    pub fn with_embedded_images(mut self, embed: bool) -> Self {
+        self.images = embed.then(|| EMBEDDED.to_owned());
+        self.format_version = if embed { EMBEDDED_IMAGES_VERSION } else { PLAIN_FORMAT_VERSION };
+        self.store_id = self.compute_store_id();
+        self
+    }
+
+    /// Whether the store carries its images.
+    pub fn embeds_images(&self) -> bool {
+        self.images.as_deref() == Some(EMBEDDED)
+    }
+
+    /// The header every image pack `s` of this store must carry.
+    pub fn image_pack_header(&self, s: u32) -> ImagePackHeader {
+        let range = self.layout.images_of(s, self.dataset.num_images);
+        ImagePackHeader {
+            shard_index: s,
+            first_image: range.start,
+            num_images: (range.end - range.start) as u32,
+            store_id: self.store_id_bytes(),
+        }
     }
 
     /// This manifest with the codec's fit settings and model file (the
@@ -225,8 +261,9 @@ impl Manifest {
     }
 
     /// The identity fields as JSON: everything except `store_id`,
-    /// `created_by` and `dataset.root` (`codec_fit` only when present, so
-    /// the ids of stores without one did not change when it was added).
+    /// `created_by` and `dataset.root` (`codec_fit` and `images` only when
+    /// present, so the ids of stores without them did not change when they
+    /// were added).
     fn identity(&self) -> serde_json::Value {
         let d = &self.dataset;
         let mut id = serde_json::json!({
@@ -239,6 +276,9 @@ impl Manifest {
         });
         if let (Some(fit), Some(map)) = (&self.codec_fit, id.as_object_mut()) {
             map.insert("codec_fit".into(), serde_json::json!(fit));
+        }
+        if let (Some(images), Some(map)) = (&self.images, id.as_object_mut()) {
+            map.insert("images".into(), serde_json::json!(images));
         }
         id
     }
@@ -354,6 +394,20 @@ impl Manifest {
             return Err(StoreError::UnsupportedVersion { path, found: version, supported: FORMAT_VERSION });
         }
         let m: Manifest = serde_json::from_value(head).map_err(|source| StoreError::Json { path: path.clone(), source })?;
+        let images_ok = match version {
+            EMBEDDED_IMAGES_VERSION => m.embeds_images(),
+            _ => m.images.is_none(),
+        };
+        if !images_ok {
+            return Err(StoreError::Corrupt {
+                path,
+                offset: 0,
+                what: format!(
+                    "format_version {version} with images {:?} (version 2 stores, and only they, have images \"{EMBEDDED}\")",
+                    m.images
+                ),
+            });
+        }
         if m.store_id != m.compute_store_id() {
             return Err(StoreError::Corrupt {
                 path,
@@ -435,6 +489,21 @@ pub(crate) mod tests {
         // Pinned: a change here orphans every existing store (format v1).
         let m = sample();
         assert_eq!(m.store_id, "2b4c6858c87ffe9746425b26", "identity JSON: {}", m.identity_json());
+    }
+
+    #[test]
+    fn embedded_images_make_a_version_2_store_with_its_own_id() {
+        let plain = sample();
+        let embedded = sample().with_embedded_images(true);
+        assert_eq!((plain.format_version, embedded.format_version), (1, 2));
+        assert!(embedded.embeds_images() && !plain.embeds_images());
+        assert_ne!(plain.store_id, embedded.store_id);
+        assert!(embedded.identity_json().contains(r#""images":"embedded""#));
+        assert_eq!(embedded.clone().with_embedded_images(false), plain, "and back");
+        let (field, _, _) = plain.first_difference(&embedded).expect("differs");
+        assert_eq!(field, "format_version");
+        // pinned like version 1's
+        assert_eq!(embedded.store_id, "3b572857dd7b8d1de102d38b", "identity JSON: {}", embedded.identity_json());
     }
 
     #[test]

@@ -1,31 +1,18 @@
-//! Shard files: a header, 64-byte-aligned target records, a record table and
-//! a footer, each checksummed with CRC-32C. See FORMAT.md.
+//! Shard files: a header, then the target records of every view in the
+//! record container of `records.rs` (64-byte-aligned records, a record
+//! table and a footer), each checksummed with CRC-32C. See FORMAT.md.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
-
-use memmap2::Mmap;
+use std::path::Path;
 
 use crate::codec::Codec;
-use crate::error::{Result, StoreError, io};
-use crate::fs::{sync_dir, temporary_beside};
+use crate::error::{Result, StoreError};
 use crate::pca::PcaModel;
+use crate::records::{Entry, HEADER_LEN, RecordFile, RecordWriter, map_file};
 
 /// Magic at the start of every shard.
 pub const SHARD_MAGIC: [u8; 8] = *b"CAE2SHRD";
-/// Magic at the end of every shard.
-pub const FOOTER_MAGIC: [u8; 8] = *b"CAE2END\0";
 /// Shard format version.
 pub const SHARD_VERSION: u32 = 1;
-/// Header size in bytes.
-pub const HEADER_LEN: usize = 64;
-/// Footer size in bytes.
-pub const FOOTER_LEN: usize = 32;
-/// Size of one record-table entry.
-pub const ENTRY_LEN: usize = 16;
-/// Alignment of every record payload (and of the table: 8).
-pub const RECORD_ALIGN: u64 = 64;
 
 /// The fixed fields of a shard header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,33 +104,12 @@ impl ShardHeader {
     }
 }
 
-/// One record-table entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Entry {
-    /// Byte offset of the payload in the shard file (0 = slot empty).
-    pub offset: u64,
-    /// Payload length in bytes (0 = slot empty).
-    pub length: u32,
-    /// CRC-32C of the payload.
-    pub crc: u32,
-}
-
-impl Entry {
-    /// Whether the slot holds a record (a skipped image leaves it empty).
-    pub fn is_present(&self) -> bool {
-        self.length != 0
-    }
-}
-
 /// Writes one shard to a temporary file beside its final name; nothing is
 /// visible under the final name until [`ShardWriter::finish`] has fsynced
 /// and renamed it. Dropping an unfinished writer deletes the temporary file.
 pub struct ShardWriter {
     header: ShardHeader,
-    final_path: PathBuf,
-    out: BufWriter<tempfile::NamedTempFile>,
-    pos: u64,
-    entries: Vec<Entry>,
+    records: RecordWriter,
     scratch: Vec<u8>,
     pca: Option<std::sync::Arc<PcaModel>>,
 }
@@ -154,18 +120,8 @@ impl ShardWriter {
     /// # Errors
     /// IO errors creating the temporary file.
     pub fn create(final_path: &Path, header: ShardHeader) -> Result<Self> {
-        let tmp = temporary_beside(final_path)?;
-        let mut out = BufWriter::with_capacity(1 << 20, tmp);
-        out.write_all(&header.encode()).map_err(io(final_path, "write shard header"))?;
-        Ok(Self {
-            header,
-            final_path: final_path.to_owned(),
-            out,
-            pos: HEADER_LEN as u64,
-            entries: vec![Entry::default(); header.num_slots() as usize],
-            scratch: Vec::new(),
-            pca: None,
-        })
+        let records = RecordWriter::create(final_path, &header.encode(), header.num_slots(), "shard")?;
+        Ok(Self { header, records, scratch: Vec::new(), pca: None })
     }
 
     /// Encode with this fitted model (required for [`Codec::Pca`] shards).
@@ -209,21 +165,7 @@ impl ShardWriter {
     /// # Errors
     /// An out-of-range or already written slot, or an IO error.
     pub fn write_encoded(&mut self, slot: u64, payload: &[u8]) -> Result<Entry> {
-        let entry = self
-            .entries
-            .get(slot as usize)
-            .ok_or_else(|| StoreError::OutOfRange(format!("slot {slot} outside shard of {} slots", self.header.num_slots())))?;
-        if entry.is_present() {
-            return Err(StoreError::OutOfRange(format!("slot {slot} written twice")));
-        }
-        let aligned = self.pos.next_multiple_of(RECORD_ALIGN);
-        let pad = [0u8; RECORD_ALIGN as usize];
-        let e = Entry { offset: aligned, length: payload.len() as u32, crc: crc32c::crc32c(payload) };
-        self.out.write_all(&pad[..(aligned - self.pos) as usize]).map_err(io(&self.final_path, "write shard record"))?;
-        self.out.write_all(payload).map_err(io(&self.final_path, "write shard record"))?;
-        self.pos = aligned + u64::from(e.length);
-        self.entries[slot as usize] = e;
-        Ok(e)
+        self.records.write(slot, payload)
     }
 
     /// Write the table and footer, fsync, and rename to the final path.
@@ -231,45 +173,20 @@ impl ShardWriter {
     ///
     /// # Errors
     /// IO errors; the temporary file is removed.
-    pub fn finish(mut self) -> Result<u64> {
-        let table_offset = self.pos.next_multiple_of(8);
-        let mut tail = vec![0u8; (table_offset - self.pos) as usize];
-        let table_start = tail.len();
-        for e in &self.entries {
-            tail.extend_from_slice(&e.offset.to_le_bytes());
-            tail.extend_from_slice(&e.length.to_le_bytes());
-            tail.extend_from_slice(&e.crc.to_le_bytes());
-        }
-        let table_crc = crc32c::crc32c(&tail[table_start..]);
-        let footer_start = tail.len();
-        tail.extend_from_slice(&table_offset.to_le_bytes());
-        tail.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
-        tail.extend_from_slice(&table_crc.to_le_bytes());
-        let footer_crc = crc32c::crc32c(&tail[footer_start..]);
-        tail.extend_from_slice(&footer_crc.to_le_bytes());
-        tail.extend_from_slice(&FOOTER_MAGIC);
-        let path = self.final_path.clone();
-        self.out.write_all(&tail).map_err(io(&path, "write shard table"))?;
-        let tmp = self.out.into_inner().map_err(|e| StoreError::Io { path: path.clone(), op: "flush shard", source: e.into_error() })?;
-        tmp.as_file().sync_all().map_err(io(&path, "fsync shard"))?;
-        let size = table_offset + tail.len() as u64 - table_start as u64;
-        tmp.persist(&path).map_err(|e| StoreError::Io { path: path.clone(), op: "rename shard into place", source: e.error })?;
-        sync_dir(path.parent().unwrap_or(Path::new(".")))?;
-        Ok(size)
+    pub fn finish(self) -> Result<u64> {
+        Ok(self.records.finish()?.0)
     }
 }
 
 /// A memory-mapped, verified-at-open shard.
 pub struct ShardReader {
-    path: PathBuf,
-    mmap: Mmap,
+    records: RecordFile,
     header: ShardHeader,
-    table_offset: usize,
 }
 
 impl std::fmt::Debug for ShardReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShardReader").field("path", &self.path).field("header", &self.header).finish()
+        f.debug_struct("ShardReader").field("path", &self.records.path()).field("header", &self.header).finish()
     }
 }
 
@@ -280,59 +197,17 @@ impl ShardReader {
     /// # Errors
     /// IO errors or [`StoreError::Corrupt`] naming the byte offset.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(io(path, "open shard"))?;
-        // SAFETY: shards are write-once (written beside their name and
-        // renamed), so the mapped file is never modified or truncated by caev2.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(io(path, "mmap shard"))?;
+        let mmap = map_file(path, "shard")?;
         let header = ShardHeader::decode(path, &mmap)?;
         let corrupt = |offset: u64, what: String| StoreError::Corrupt { path: path.to_owned(), offset, what };
-        let len = mmap.len();
-        if len < HEADER_LEN + FOOTER_LEN {
-            return Err(corrupt(len as u64, "file too short for header and footer (truncated?)".into()));
-        }
-        let f = &mmap[len - FOOTER_LEN..];
-        let fo = (len - FOOTER_LEN) as u64;
-        if f[24..32] != FOOTER_MAGIC {
-            return Err(corrupt(fo + 24, "bad footer magic (truncated or unfinished shard)".into()));
-        }
-        let footer_crc = u32::from_le_bytes([f[20], f[21], f[22], f[23]]);
-        if footer_crc != crc32c::crc32c(&f[..20]) {
-            return Err(corrupt(fo + 20, "footer checksum mismatch".into()));
-        }
-        let table_offset = u64::from_le_bytes(f[0..8].try_into().map_err(|_| corrupt(fo, "short footer".into()))?);
-        let num_slots = u64::from_le_bytes(f[8..16].try_into().map_err(|_| corrupt(fo, "short footer".into()))?);
-        let table_crc = u32::from_le_bytes([f[16], f[17], f[18], f[19]]);
-        if num_slots != header.num_slots() {
-            return Err(corrupt(fo + 8, format!("footer says {num_slots} slots, header implies {}", header.num_slots())));
-        }
-        let table_end = num_slots.checked_mul(ENTRY_LEN as u64).and_then(|n| table_offset.checked_add(n));
-        if table_end != Some(fo) || table_offset < HEADER_LEN as u64 {
-            return Err(corrupt(fo, format!("record table at {table_offset} with {num_slots} entries does not end at the footer")));
-        }
-        let table = &mmap[table_offset as usize..fo as usize];
-        if crc32c::crc32c(table) != table_crc {
-            return Err(corrupt(table_offset, "record table checksum mismatch".into()));
-        }
-        let reader = Self { path: path.to_owned(), mmap, header, table_offset: table_offset as usize };
+        // a damaged header could claim a record length past u32
         let record_len = header
             .record_len_u32()
             .ok_or_else(|| corrupt(36, format!("{} tokens x {} values do not make a valid record length", header.tokens, header.dim)))?;
-        for slot in 0..num_slots {
-            let e = reader.entry(slot);
-            let length_ok = if header.codec.is_fixed_size() { e.length == record_len } else { e.length <= record_len };
-            if e.is_present()
-                && (!length_ok
-                    || e.offset < HEADER_LEN as u64
-                    || e.offset.checked_add(u64::from(e.length)).is_none_or(|end| end > table_offset)
-                    || !e.offset.is_multiple_of(RECORD_ALIGN))
-            {
-                return Err(corrupt(
-                    table_offset + slot * ENTRY_LEN as u64,
-                    format!("slot {slot}: record at {} of {} bytes is outside the data area or misaligned", e.offset, e.length),
-                ));
-            }
-        }
-        Ok(reader)
+        let fixed = header.codec.is_fixed_size();
+        let records =
+            RecordFile::open(path, mmap, header.num_slots(), |e| if fixed { e.length == record_len } else { e.length <= record_len })?;
+        Ok(Self { records, header })
     }
 
     /// The header.
@@ -342,32 +217,22 @@ impl ShardReader {
 
     /// The file path.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.records.path()
     }
 
     /// File size in bytes.
     pub fn file_len(&self) -> u64 {
-        self.mmap.len() as u64
+        self.records.file_len()
     }
 
     /// The table entry of `slot` (`slot < num_slots`, checked by callers).
     pub fn entry(&self, slot: u64) -> Entry {
-        let o = self.table_offset + slot as usize * ENTRY_LEN;
-        let b = &self.mmap[o..o + ENTRY_LEN];
-        Entry {
-            offset: u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
-            length: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
-            crc: u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
-        }
+        self.records.entry(slot)
     }
 
     /// Zero-copy bytes of `slot`, or `None` when the slot is empty.
     pub fn record(&self, slot: u64) -> Option<&[u8]> {
-        if slot >= self.header.num_slots() {
-            return None;
-        }
-        let e = self.entry(slot);
-        e.is_present().then(|| &self.mmap[e.offset as usize..(e.offset + u64::from(e.length)) as usize])
+        self.records.record(slot)
     }
 
     /// Zero-copy bytes of `slot` after checking their CRC-32C against the
@@ -377,42 +242,27 @@ impl ShardReader {
     /// [`StoreError::Corrupt`] naming the shard file and the record's byte
     /// offset when the checksum does not match.
     pub fn record_checked(&self, slot: u64) -> Result<Option<&[u8]>> {
-        let Some(bytes) = self.record(slot) else { return Ok(None) };
-        let e = self.entry(slot);
-        if crc32c::crc32c(bytes) != e.crc {
-            return Err(StoreError::Corrupt {
-                path: self.path.clone(),
-                offset: e.offset,
-                what: format!("slot {slot}: record checksum mismatch (damaged targets; run `caev2 inspect verify`)"),
-            });
-        }
-        Ok(Some(bytes))
+        self.records.record_checked(slot, "record", "damaged targets")
     }
 
     /// Check the CRC of every record. Returns the problems found as
     /// `(slot, byte offset, description)`; empty when all is well.
     pub fn verify_records(&self) -> Vec<(u64, u64, String)> {
-        let mut bad = Vec::new();
-        for slot in 0..self.header.num_slots() {
-            let e = self.entry(slot);
-            if let Some(bytes) = self.record(slot)
-                && crc32c::crc32c(bytes) != e.crc
-            {
-                bad.push((slot, e.offset, format!("slot {slot}: record checksum mismatch")));
-            }
-        }
-        bad
+        self.records.verify_records("record")
     }
 
     /// Advise the kernel that the records will be read sequentially.
     pub fn advise_sequential(&self) {
-        let _ = self.mmap.advise(memmap2::Advice::Sequential);
+        self.records.advise_sequential();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
+
+    use crate::records::FOOTER_LEN;
 
     fn header() -> ShardHeader {
         ShardHeader {

@@ -6,6 +6,7 @@
 //!   codec-pca-<hash>.bin       fitted codec model, for codecs that need one (pca.rs)
 //!   shards/shard-00000.bin     targets (shard.rs)
 //!   index/shard-00000.parquet  one row per stored view (index.rs)
+//!   images/shard-00000.bin     the shard's image files (format 2 only; images.rs)
 //!   done/shard-00000.json      shard report; its presence marks the shard complete
 //!   locks/shard-00000.lock     advisory lock held while a process writes the shard
 //! ```
@@ -21,6 +22,7 @@ use sha2::Digest;
 use crate::codec::Codec;
 use crate::error::{Result, StoreError, io};
 use crate::fs::{Replace, atomic_write, check_local, remove_stale_temporaries, write_file_atomic};
+use crate::images::{ImagePackReader, ImagePackWriter};
 use crate::index::{IndexRow, decode_index, encode_index};
 use crate::manifest::{CodecFit, Manifest};
 use crate::pca::PcaModel;
@@ -56,6 +58,12 @@ pub struct ShardReport {
     /// it was recorded; readers then rely on the row checks alone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index_crc32c: Option<u32>,
+    /// Size of the image pack (stores that carry their images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images_bytes: Option<u64>,
+    /// CRC-32C of the image pack's bytes (stores that carry their images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images_crc32c: Option<u32>,
     /// Images that could not be decoded.
     pub skipped: Vec<Skipped>,
 }
@@ -71,6 +79,8 @@ impl ShardReport {
             shard_bytes: 0,
             index_bytes: 0,
             index_crc32c: None,
+            images_bytes: None,
+            images_crc32c: None,
             skipped,
         }
     }
@@ -98,6 +108,10 @@ impl StorePaths {
     /// Index part of shard `s`.
     pub fn index(&self, s: u32) -> PathBuf {
         self.root.join("index").join(format!("shard-{s:05}.parquet"))
+    }
+    /// Image pack of shard `s` (stores that carry their images).
+    pub fn images(&self, s: u32) -> PathBuf {
+        self.root.join("images").join(format!("shard-{s:05}.bin"))
     }
     /// Report (completion marker) of shard `s`.
     pub fn done(&self, s: u32) -> PathBuf {
@@ -198,7 +212,8 @@ impl StoreWriter {
         fit: impl FnOnce() -> std::result::Result<PcaModel, E>,
     ) -> std::result::Result<Self, E> {
         check_local(root)?;
-        for sub in ["shards", "index", "done", "locks"] {
+        let images = manifest.embeds_images().then_some("images");
+        for sub in ["shards", "index", "done", "locks"].into_iter().chain(images) {
             let d = root.join(sub);
             std::fs::create_dir_all(&d).map_err(io(&d, "create folder"))?;
         }
@@ -281,7 +296,8 @@ impl StoreWriter {
         if self.is_done(s) {
             return Ok(None); // finished by another process between the checks
         }
-        for p in [self.paths.shard(s), self.paths.index(s), self.paths.done(s)] {
+        let pack = self.manifest.embeds_images().then(|| self.paths.images(s));
+        for p in [self.paths.shard(s), self.paths.index(s), self.paths.done(s)].into_iter().chain(pack) {
             remove_stale_temporaries(&p)?;
         }
         Ok(Some(ShardClaim { store: self, shard: s, _lock: file }))
@@ -311,18 +327,54 @@ impl ShardClaim<'_> {
             .with_pca(self.store.pca.clone()))
     }
 
-    /// Commit the shard: index part, then shard file, then the report, each
-    /// written beside its name, fsynced and renamed. A crash at any point
-    /// leaves the shard not done, and a later run redoes it.
+    /// Start the shard's image pack (a temporary until
+    /// [`ShardClaim::commit`]), for a store that carries its images; `None`
+    /// for one that does not.
     ///
     /// # Errors
-    /// IO or Parquet errors; nothing is marked done.
-    pub fn commit(self, writer: ShardWriter, rows: &[IndexRow], mut report: ShardReport) -> Result<ShardReport> {
+    /// IO errors.
+    pub fn image_writer(&self) -> Result<Option<ImagePackWriter>> {
+        let m = &self.store.manifest;
+        if !m.embeds_images() {
+            return Ok(None);
+        }
+        ImagePackWriter::create(&self.store.paths.images(self.shard), m.image_pack_header(self.shard)).map(Some)
+    }
+
+    /// Commit the shard: index part, image pack (stores that carry their
+    /// images), shard file, then the report, each written beside its name,
+    /// fsynced and renamed. A crash at any point leaves the shard not done,
+    /// and a later run redoes it.
+    ///
+    /// # Errors
+    /// IO or Parquet errors, an image pack missing from a store that
+    /// carries its images (or given to one that does not); nothing is
+    /// marked done.
+    pub fn commit(
+        self,
+        writer: ShardWriter,
+        images: Option<ImagePackWriter>,
+        rows: &[IndexRow],
+        mut report: ShardReport,
+    ) -> Result<ShardReport> {
         let p = &self.store.paths;
+        if images.is_some() != self.store.manifest.embeds_images() {
+            return Err(StoreError::OutOfRange(format!(
+                "shard {}: an image pack {} for a store that {} its images",
+                self.shard,
+                if images.is_some() { "given" } else { "missing" },
+                if images.is_some() { "does not carry" } else { "carries" }
+            )));
+        }
         let index_path = p.index(self.shard);
         let index = encode_index(&index_path, rows)?;
         report.index_crc32c = Some(crc32c::crc32c(&index));
         report.index_bytes = write_file_atomic(&index_path, &index)?;
+        if let Some(w) = images {
+            let (bytes, crc) = w.finish()?;
+            report.images_bytes = Some(bytes);
+            report.images_crc32c = Some(crc);
+        }
         report.shard_bytes = writer.finish()?;
         let done = p.done(self.shard);
         let json = serde_json::to_vec_pretty(&report).map_err(|source| StoreError::Json { path: done.clone(), source })?;
@@ -406,6 +458,7 @@ pub struct Store {
     paths: StorePaths,
     manifest: Manifest,
     shards: Vec<OnceLock<ShardReader>>,
+    packs: Vec<OnceLock<ImagePackReader>>,
     pca: Option<Arc<PcaModel>>,
 }
 
@@ -441,7 +494,14 @@ impl Store {
         let manifest = Manifest::read(root)?;
         let pca = load_codec_model(root, &manifest)?;
         let n = manifest.layout.num_shards as usize;
-        Ok(Self { paths: StorePaths::new(root), manifest, shards: (0..n).map(|_| OnceLock::new()).collect(), pca })
+        let packs = if manifest.embeds_images() { n } else { 0 };
+        Ok(Self {
+            paths: StorePaths::new(root),
+            manifest,
+            shards: (0..n).map(|_| OnceLock::new()).collect(),
+            packs: (0..packs).map(|_| OnceLock::new()).collect(),
+            pca,
+        })
     }
 
     /// The fitted codec model, for codecs that need one (checked against
@@ -502,6 +562,59 @@ impl Store {
             });
         }
         Ok(r)
+    }
+
+    /// Image pack `s` opened and checked (its header against the manifest,
+    /// its size and CRC against the shard's report when `whole`), not kept.
+    ///
+    /// # Errors
+    /// A store that does not carry its images, IO, corruption.
+    pub fn open_image_pack(&self, s: u32, whole: bool) -> Result<ImagePackReader> {
+        let m = &self.manifest;
+        if !m.embeds_images() {
+            return Err(StoreError::OutOfRange(format!("store {} does not carry its images", self.paths.root.display())));
+        }
+        if s >= m.layout.num_shards {
+            return Err(StoreError::OutOfRange(format!("shard {s} of {}", m.layout.num_shards)));
+        }
+        let path = self.paths.images(s);
+        let pack = ImagePackReader::open(&path, &m.image_pack_header(s))?;
+        if let Some(report) = self.report(s)? {
+            let corrupt = |what: String| StoreError::Corrupt { path: path.clone(), offset: 0, what };
+            if report.images_bytes != Some(pack.file_len()) {
+                return Err(corrupt(format!("{} bytes, its shard report says {:?}", pack.file_len(), report.images_bytes)));
+            }
+            if whole {
+                let bytes = std::fs::read(&path).map_err(io(&path, "read image pack"))?;
+                if report.images_crc32c != Some(crc32c::crc32c(&bytes)) {
+                    return Err(corrupt("checksum differs from the one in its shard report".into()));
+                }
+            }
+        }
+        Ok(pack)
+    }
+
+    /// The file bytes of image `image_id` from its shard's image pack
+    /// (mapped on first use and kept), after checking their CRC-32C;
+    /// `Ok(None)` for an image the store skipped.
+    ///
+    /// # Errors
+    /// A store that does not carry its images, an id past the end, IO or
+    /// corruption naming the pack and the byte offset.
+    pub fn image(&self, image_id: u64) -> Result<Option<&[u8]>> {
+        let m = &self.manifest;
+        if image_id >= m.dataset.num_images {
+            return Err(StoreError::OutOfRange(format!("image {image_id} outside the store ({} images)", m.dataset.num_images)));
+        }
+        let s = (image_id / u64::from(m.layout.images_per_shard)) as u32;
+        let cell = self
+            .packs
+            .get(s as usize)
+            .ok_or_else(|| StoreError::OutOfRange(format!("store {} does not carry its images", self.paths.root.display())))?;
+        if cell.get().is_none() {
+            let _ = cell.set(self.open_image_pack(s, false)?);
+        }
+        cell.get().expect("set above").image(image_id)
     }
 
     /// The targets of view `view` of image `image_id`, in O(1) through the

@@ -3,7 +3,8 @@
 //! when a newcomer reads the crate bottom up.
 
 /// Bottom first, as in the crate doc.
-const LAYERS: [&str; 12] = ["format", "error", "fs", "rans", "pca", "grid", "codec", "index", "shard", "manifest", "store", "recode"];
+const LAYERS: [&str; 14] =
+    ["format", "error", "fs", "rans", "pca", "grid", "codec", "index", "records", "shard", "images", "manifest", "store", "recode"];
 
 #[test]
 fn every_module_uses_only_modules_below_it() {

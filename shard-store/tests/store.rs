@@ -67,7 +67,7 @@ fn fill(root: &Path, m: &Manifest) {
             }
         }
         let report = ShardReport::new(s, range.clone(), rows.len() as u64, skipped);
-        claim.commit(sw, &rows, report).expect("commit");
+        claim.commit(sw, None, &rows, report).expect("commit");
     }
 }
 

@@ -13,13 +13,13 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use caev2_views::{DECODER_ID, ViewParams, ViewSampler, ViewSettings, decode_image, normalize_chw, render_view};
+use caev2_views::{DECODER_ID, ViewParams, ViewSampler, ViewSettings, decode_image_bytes, normalize_chw, render_view};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use shard_store::{
-    Codec, CodecFit, DatasetInfo, IndexRow, Layout, Manifest, PcaFit, PcaModel, ShardClaim, ShardReport, ShardWriter, Skipped, StoreWriter,
-    ViewsInfo, fit_sample_images,
+    Codec, CodecFit, DatasetInfo, ImagePackWriter, IndexRow, Layout, Manifest, PcaFit, PcaModel, ShardClaim, ShardReport, ShardWriter,
+    Skipped, StoreWriter, ViewsInfo, fit_sample_images,
 };
 
 use crate::dataset::Dataset;
@@ -62,6 +62,9 @@ pub struct ExtractConfig {
     pub shards: Option<Range<u32>>,
     /// Apply EXIF orientation when decoding.
     pub apply_exif_orientation: bool,
+    /// Store the images' file bytes in the store (format version 2), so
+    /// that training needs no image folder.
+    pub embed_images: bool,
     /// Write every teacher input tensor to this folder (debugging/tests).
     pub dump_inputs: Option<PathBuf>,
     /// Show a progress bar on stderr.
@@ -122,6 +125,7 @@ impl ExtractConfig {
             worker_index: 0,
             shards: None,
             apply_exif_orientation: true,
+            embed_images: false,
             dump_inputs: None,
             progress: false,
         }
@@ -206,6 +210,8 @@ struct ViewJob {
 
 enum Msg<'a> {
     Start(ShardClaim<'a>),
+    /// An image's file bytes, for a store that carries its images.
+    File(u64, Vec<u8>),
     Views(Vec<ViewJob>, Vec<f32>),
     Skip(Skipped),
     Targets(Vec<ViewJob>, Vec<f32>),
@@ -227,14 +233,20 @@ struct Decode<'a> {
 }
 
 impl Decode<'_> {
-    /// The teacher inputs of every view of image `id`, or why it is skipped.
-    fn image(&self, id: u64) -> Msg<'static> {
+    /// The teacher inputs of every view of image `id` (after its file
+    /// bytes, for a store that carries its images), or why it is skipped.
+    fn image(&self, id: u64) -> Vec<Msg<'static>> {
         let (cfg, file) = (self.cfg, &self.ds.files[id as usize]);
-        let skip = |reason: String| Msg::Skip(Skipped { image_id: id, path: file.rel.clone(), reason });
+        let skip = |reason: String| vec![Msg::Skip(Skipped { image_id: id, path: file.rel.clone(), reason })];
         if let Some(why) = &file.problem {
             return skip(why.clone());
         }
-        let img = match decode_image(&self.ds.path_of(id as usize), cfg.apply_exif_orientation) {
+        let path = self.ds.path_of(id as usize);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) => return skip(format!("{}: read: {e}", path.display())),
+        };
+        let img = match decode_image_bytes(&bytes, &path, cfg.apply_exif_orientation) {
             Ok(d) => d.rgb,
             Err(e) => return skip(e.to_string()),
         };
@@ -246,7 +258,8 @@ impl Decode<'_> {
             normalize_chw(&render_view(&img, &params, self.size), self.mean, self.std, buf);
             jobs.push(ViewJob { image_id: id, view: v, params });
         }
-        Msg::Views(jobs, input)
+        let views = Msg::Views(jobs, input);
+        if cfg.embed_images { vec![Msg::File(id, bytes), views] } else { vec![views] }
     }
 
     /// With `--debug-dump-inputs`, write each view's teacher input.
@@ -280,8 +293,8 @@ fn decode_stage<'a>(d: &Decode<'_>, store: &'a StoreWriter, todo: &[u32], tx: Se
             return Ok(busy);
         }
         for part in ids.chunks(d.chunk) {
-            let prepared: Vec<Msg<'static>> = d.pool.install(|| part.par_iter().map(|&id| d.image(id)).collect());
-            for m in prepared {
+            let prepared: Vec<Vec<Msg<'static>>> = d.pool.install(|| part.par_iter().map(|&id| d.image(id)).collect());
+            for m in prepared.into_iter().flatten() {
                 d.dump(&m)?;
                 if tx.send(m).is_err() {
                     return Ok(busy);
@@ -336,6 +349,8 @@ fn infer_stage<'a>(rx: Receiver<Msg<'a>>, tx: Sender<Msg<'a>>, teacher: &mut Tea
 struct OpenShard<'a> {
     claim: ShardClaim<'a>,
     writer: ShardWriter,
+    /// The image pack, for a store that carries its images.
+    pack: Option<ImagePackWriter>,
     rows: Vec<IndexRow>,
     skipped: Vec<Skipped>,
 }
@@ -359,7 +374,13 @@ fn write_stage(rx: Receiver<Msg<'_>>, cfg: &ExtractConfig, manifest: &Manifest, 
         match m {
             Msg::Start(claim) => {
                 let writer = claim.writer()?;
-                current = Some(OpenShard { claim, writer, rows: Vec::new(), skipped: Vec::new() });
+                let pack = claim.image_writer()?;
+                current = Some(OpenShard { claim, writer, pack, rows: Vec::new(), skipped: Vec::new() });
+            }
+            Msg::File(id, bytes) => {
+                if let Some(pack) = current.as_mut().and_then(|o| o.pack.as_mut()) {
+                    pack.write(id, &bytes)?;
+                }
             }
             Msg::Targets(jobs, out) => {
                 let Some(open) = current.as_mut() else { continue };
@@ -413,10 +434,10 @@ fn write_stage(rx: Receiver<Msg<'_>>, cfg: &ExtractConfig, manifest: &Manifest, 
                 if let Some(open) = current.take() {
                     let range = manifest.layout.images_of(open.claim.shard(), manifest.dataset.num_images);
                     let report = ShardReport::new(open.claim.shard(), range, open.rows.len() as u64, open.skipped);
-                    let r = open.claim.commit(open.writer, &open.rows, report)?;
+                    let r = open.claim.commit(open.writer, open.pack, &open.rows, report)?;
                     done.shards += 1;
                     done.views += r.views_stored;
-                    done.bytes += r.shard_bytes + r.index_bytes;
+                    done.bytes += r.shard_bytes + r.index_bytes + r.images_bytes.unwrap_or(0);
                     done.skipped.extend(r.skipped);
                     bar.set_message(format!("{} shards written", done.shards));
                 }
@@ -444,8 +465,8 @@ fn fit_codec(d: &Decode<'_>, teacher: &mut Teacher, manifest: &Manifest, per_vie
     }
     let mut sample = Vec::new();
     for part in ids.chunks(d.chunk.max(1)) {
-        let prepared: Vec<Msg<'static>> = d.pool.install(|| part.par_iter().map(|&id| d.image(id)).collect());
-        for m in prepared {
+        let prepared: Vec<Vec<Msg<'static>>> = d.pool.install(|| part.par_iter().map(|&id| d.image(id)).collect());
+        for m in prepared.into_iter().flatten() {
             if let Msg::Views(jobs, input) = m {
                 for (b, chunk) in input.chunks(cfg.batch * per_view).enumerate() {
                     let n = chunk.len() / per_view;
@@ -495,6 +516,7 @@ pub fn build_manifest(cfg: &ExtractConfig, teacher: &Teacher, ds: &Dataset) -> M
         format!("caev2 {}", env!("CARGO_PKG_VERSION")),
     )
     .with_codec_fit(CodecFit::asked(cfg.codec, cfg.fit))
+    .with_embedded_images(cfg.embed_images)
 }
 
 /// Run an extraction (or resume one).

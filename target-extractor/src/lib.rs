@@ -11,6 +11,8 @@
 //!   shards claimed under file locks, so a run can be killed and resumed, and
 //!   several processes (`--num-workers/--worker-index`, or simply several
 //!   runs on one folder) fill one store.
+//! * [`launcher`] takes the worker split from `torchrun`, `srun` or a Slurm
+//!   job array.
 //!
 //! The views are drawn and rendered by [`caev2_views`], the same code the
 //! trainer uses to rebuild the student's pixels.
@@ -18,6 +20,7 @@
 mod dataset;
 mod error;
 mod extract;
+pub mod launcher;
 
 pub use dataset::{Dataset, IMAGE_EXTENSIONS, ImageFile};
 pub use error::{ExtractError, Result};

@@ -220,11 +220,14 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// All files of a store that must be identical between two runs (shards,
-/// index parts, reports, manifest minus the informational fields), as
+/// index parts, image packs, reports, manifest minus the informational fields), as
 /// `(relative path, bytes)`, sorted.
 pub fn store_contents(root: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
-    for sub in ["shards", "index", "done"] {
+    for sub in ["shards", "index", "images", "done"] {
+        if sub == "images" && !root.join(sub).exists() {
+            continue; // a store without its images
+        }
         let mut files: Vec<_> = std::fs::read_dir(root.join(sub)).expect("ls").map(|e| e.expect("entry").path()).collect();
         files.sort();
         for f in files {

@@ -290,6 +290,29 @@ fn concurrent_runs_and_worker_splits_build_the_same_store() {
         assert!(text.contains("3 written now"), "{text}");
     }
     assert!(store_contents(&split) == store_contents(&reference));
+    // the same split from a Slurm job array's variables (--array=1-2)
+    let array = tmp.path().join("array");
+    for id in ["1", "2"] {
+        let o = Command::new(caev2())
+            .args(dinov2_args(s(&data), s(&array)))
+            .envs([("SLURM_ARRAY_TASK_ID", id), ("SLURM_ARRAY_TASK_COUNT", "2"), ("SLURM_ARRAY_TASK_MIN", "1")])
+            .output()
+            .expect("run");
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success() && text.contains("3 written now"), "{text} {}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(store_contents(&array) == store_contents(&reference), "a job array's split differs");
+    // flags that disagree with the launcher: one line, nothing written
+    let refused = tmp.path().join("refused");
+    let o = Command::new(caev2())
+        .args(dinov2_args(s(&data), s(&refused)))
+        .args(["--worker-index", "0"])
+        .envs([("RANK", "1"), ("WORLD_SIZE", "2")])
+        .output()
+        .expect("run");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.trim().lines().count() == 1 && e.contains("worker 1 of 2 from torchrun"), "{e}");
+    assert!(!refused.exists());
 }
 
 #[test]

@@ -139,7 +139,8 @@ fn every_epoch_draws_new_views_distributed_as_the_stored_ones() {
     let images = stored.iter().map(|r| r.image_id).collect::<std::collections::BTreeSet<_>>().len();
     assert!(images >= 25, "{images} images decoded");
 
-    let source = DataSource::open(&root, &data, m.views.settings.student_size, None).expect("open").with_fresh_views().expect("fresh");
+    let source =
+        DataSource::open(&root, Some(&data), m.views.settings.student_size, None).expect("open").with_fresh_views().expect("fresh");
     let mut fresh: BTreeMap<(u64, u64), ViewParams> = BTreeMap::new();
     for epoch in 0..epochs {
         let views = source.epoch_views(3, epoch).expect("epoch views");

@@ -76,7 +76,7 @@ fn make_store(root: &Path, shards: u32) -> anyhow::Result<()> {
             }
         }
         let report = ShardReport::new(s, range, rows.len() as u64, Vec::new());
-        claim.commit(sw, &rows, report)?;
+        claim.commit(sw, None, &rows, report)?;
     }
     Ok(())
 }

@@ -379,7 +379,7 @@ pub fn format_table(rows: &[EvalRow], set: &Labelled, cfg: &EvalConfig) -> Strin
 pub fn alignment(
     loaded: &trainer::LoadedModel,
     store: &Path,
-    data: &Path,
+    data: Option<&Path>,
     views: std::ops::Range<u32>,
     batch: usize,
     threads: usize,

@@ -31,6 +31,8 @@ pub struct Summary {
     pub shard_bytes: u64,
     /// Bytes of index files.
     pub index_bytes: u64,
+    /// Bytes of image packs (stores that carry their images).
+    pub image_bytes: u64,
     /// Bytes on disk per stored view (shards + index).
     pub bytes_per_view: f64,
     /// Images skipped, with reasons.
@@ -59,12 +61,14 @@ pub fn summary(root: &Path) -> Result<Summary> {
     let store = Store::open_partial(root).with_context(|| format!("opening store {}", root.display()))?;
     let m = store.manifest().clone();
     let (mut done, mut views, mut sb, mut ib, mut skipped, mut images) = (0, 0, 0, 0, Vec::new(), 0);
+    let mut packs = 0;
     for s in 0..m.layout.num_shards {
         if let Some(r) = store.report(s)? {
             done += 1;
             views += r.views_stored;
             sb += r.shard_bytes;
             ib += r.index_bytes;
+            packs += r.images_bytes.unwrap_or(0);
             // saturating: a damaged report is verify's to flag, not a panic here
             images += u64::from(r.num_images).saturating_sub(r.skipped.len() as u64);
             skipped.extend(r.skipped);
@@ -79,6 +83,7 @@ pub fn summary(root: &Path) -> Result<Summary> {
         images_stored: images,
         shard_bytes: sb,
         index_bytes: ib,
+        image_bytes: packs,
         bytes_per_view: if views > 0 { (sb + ib) as f64 / views as f64 } else { 0.0 },
         skipped,
         codec_model: store.codec_model().map(|p| CodecModel { fit_views: p.fit_views(), step: p.step(), fit_cosine: p.fit_cosine() }),
@@ -96,6 +101,11 @@ pub fn format_summary(s: &Summary) -> String {
     line("shards", format!("{}/{} complete ({} images per shard)", s.shards_done, s.shards_total, m.layout.images_per_shard));
     line("images", format!("{} in dataset, {} stored, {} skipped", m.dataset.num_images, s.images_stored, s.skipped.len()));
     line("views", format!("{} stored, {} per image", s.views_stored, v.views_per_image));
+    if m.embeds_images() {
+        line("image files", format!("embedded: {:.1} MB in image packs (no --data needed)", s.image_bytes as f64 / 1e6));
+    } else {
+        line("image files", "read from the dataset folder (--data)".into());
+    }
     line("targets", format!("{} tokens x {} dims, codec {}", t.tokens, t.dim, m.codec));
     if let (Some(fit), Some(model)) = (&m.codec_fit, &s.codec_model) {
         line(
@@ -312,8 +322,37 @@ fn verify_shard(store: &Store, s: u32) -> ShardCheck {
             }
         }
     }
+    if m.embeds_images() {
+        check_image_pack(store, s, &rows, &mut problems);
+    }
     let paths = paths.into_iter().map(|(id, path)| (id, path.clone())).chain(report.skipped.iter().map(|x| (x.image_id, x.path.clone())));
     ShardCheck { views: rows.len() as u64, problems, paths: paths.collect() }
+}
+
+/// A store that carries its images: shard `s`'s image pack is whole (its
+/// size and CRC-32C as the report says, every image's CRC) and holds bytes
+/// for exactly the images with views.
+fn check_image_pack(store: &Store, s: u32, rows: &[shard_store::IndexRow], problems: &mut Vec<Problem>) {
+    let p = |offset: Option<u64>, what: String| Problem { shard: Some(s), offset, what };
+    let pack = match store.open_image_pack(s, false) {
+        Ok(pack) => pack,
+        Err(e) => return problems.push(p(None, e.to_string())),
+    };
+    let damaged = pack.verify();
+    if damaged.is_empty()
+        && let Err(e) = store.open_image_pack(s, true)
+    {
+        problems.push(p(None, e.to_string())); // the bytes between the images
+    }
+    problems.extend(damaged.into_iter().map(|(_, off, what)| p(Some(off), format!("image pack: {what}"))));
+    let with_views: HashSet<u64> = rows.iter().map(|r| r.image_id).collect();
+    let with_bytes: HashSet<u64> = pack.present().collect();
+    if let Some(id) = with_views.difference(&with_bytes).min() {
+        problems.push(p(None, format!("image {id} has views but no bytes in the image pack")));
+    }
+    if let Some(id) = with_bytes.difference(&with_views).min() {
+        problems.push(p(None, format!("image {id} has bytes in the image pack but no views")));
+    }
 }
 
 /// The manifest's file-list hash, fed with each image's path in image
@@ -699,12 +738,22 @@ pub fn render(root: &Path, data: Option<&Path>, image: &str, view: Option<u32>, 
     let m = store.manifest().clone();
     let rows = image_rows(&store, image)?;
     let id = rows[0].image_id;
-    let data = data.map(Path::to_path_buf).unwrap_or_else(|| std::path::PathBuf::from(&m.dataset.root));
     let chosen: Vec<_> = rows.iter().filter(|r| r.image_id == id && view.is_none_or(|v| v == r.view)).collect();
     anyhow::ensure!(!chosen.is_empty(), "image {id} has no such view");
-    let src = caev2_views::decode_image(&data.join(&chosen[0].path), m.views.settings.apply_exif_orientation)
-        .with_context(|| format!("decoding the original (pass --data if the dataset moved from {})", data.display()))?
-        .rgb;
+    let exif = m.views.settings.apply_exif_orientation;
+    let src = match data {
+        // a store that carries its images, unless told to read a folder
+        None if m.embeds_images() => {
+            let bytes = store.image(id)?.with_context(|| format!("image {id} has no bytes in the store"))?;
+            caev2_views::decode_image_bytes(bytes, Path::new(&chosen[0].path), exif)?
+        }
+        _ => {
+            let data = data.map(Path::to_path_buf).unwrap_or_else(|| std::path::PathBuf::from(&m.dataset.root));
+            caev2_views::decode_image(&data.join(&chosen[0].path), exif)
+                .with_context(|| format!("decoding the original (pass --data if the dataset moved from {})", data.display()))?
+        }
+    }
+    .rgb;
     let s = m.teacher.input_size;
     let d = m.teacher.dim as usize;
     let c = usize::from(m.teacher.has_cls);

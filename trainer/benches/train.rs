@@ -69,7 +69,7 @@ fn main() {
 
     // 1. step time, cached vs live
     let preset = Preset::parse(&model).expect("--model tiny|small|base|large");
-    let base = TrainConfig::paper(&store, &sub, preset, batch, Budget::Steps(steps), None).expect("config");
+    let base = TrainConfig::paper(&store, Some(&sub), preset, batch, Budget::Steps(steps), None).expect("config");
     let cfg = |live: bool| TrainConfig { lr: 5e-4, warmup_steps: 1, live_teacher: live.then(|| teacher.clone()), ..base.clone() };
     let mut step_secs = [0f64; 2];
     for (i, live) in [false, true].into_iter().enumerate() {
@@ -97,7 +97,7 @@ fn main() {
     }
 
     // 2. loader throughput on one core vs Python
-    let src = Arc::new(DataSource::open(&store, &sub, 224, None).expect("open"));
+    let src = Arc::new(DataSource::open(&store, Some(&sub), 224, None).expect("open"));
     let n_batches = (images / batch) as u64;
     let lc = LoaderConfig { batch, rows: 0..batch, seed: 0, threads: 1, prefetch: 1, image_size: 224, grid: 14, teacher_inputs: false };
     let t = Instant::now();

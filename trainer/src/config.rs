@@ -21,8 +21,10 @@ use crate::optim::AdamWConfig;
 pub struct TrainConfig {
     /// Target store.
     pub store: PathBuf,
-    /// Image folder the store was extracted from.
-    pub data: PathBuf,
+    /// Image folder the store was extracted from; `None` for a store that
+    /// carries its images (they are read from it).
+    #[serde(default)]
+    pub data: Option<PathBuf>,
     /// Student.
     pub model: ModelConfig,
     /// Losses.
@@ -84,7 +86,14 @@ impl TrainConfig {
     /// # Errors
     /// An unreadable or unusable store, a student size that is not a
     /// multiple of the patch size, or a budget too large to count.
-    pub fn paper(store: &Path, data: &Path, preset: Preset, batch: usize, budget: Budget, train_views: Option<u32>) -> Result<Self> {
+    pub fn paper(
+        store: &Path,
+        data: Option<&Path>,
+        preset: Preset,
+        batch: usize,
+        budget: Budget,
+        train_views: Option<u32>,
+    ) -> Result<Self> {
         shard_store::check_local(store)?;
         let manifest = shard_store::Manifest::read(store)?;
         // the student's input size is the one the store's views were made for
@@ -111,7 +120,7 @@ impl TrainConfig {
         };
         Ok(Self {
             store: store.to_owned(),
-            data: data.to_owned(),
+            data: data.map(Path::to_owned),
             num_masked: model.default_masked() as usize,
             model,
             loss: LossConfig::default(),
@@ -199,7 +208,9 @@ impl TrainConfig {
             );
         }
         shard_store::check_local(&self.store)?;
-        shard_store::check_local(&self.data)?;
+        if let Some(data) = &self.data {
+            shard_store::check_local(data)?;
+        }
         Ok(())
     }
 }
@@ -266,7 +277,7 @@ mod tests {
     fn config() -> TrainConfig {
         TrainConfig {
             store: "store".into(),
-            data: "data".into(),
+            data: Some("data".into()),
             model: ModelConfig::preset(Preset::Tiny, 24),
             loss: LossConfig::default(),
             masking: Masking::Block,

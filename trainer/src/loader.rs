@@ -20,7 +20,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use caev2_views::{DECODER_ID, SplitMix64, ViewParams, ViewSampler, decode_image, normalize_chw, render_crop};
+use caev2_views::{DECODER_ID, SplitMix64, ViewParams, ViewSampler, decode_image, decode_image_bytes, normalize_chw, render_crop};
 use crossbeam_channel::{Receiver, bounded};
 use rayon::prelude::*;
 use shard_store::{Codec, Store, resample_grid};
@@ -105,12 +105,14 @@ struct Sample {
     params: ViewParams,
 }
 
-/// A store plus the image folder it was made from, checked for use by a
-/// student of the given grid.
+/// A store plus its images (the folder it was made from, or the store
+/// itself when it carries them), checked for use by a student of the given
+/// grid.
 #[derive(Debug)]
 pub struct DataSource {
     store: Arc<Store>,
-    data: PathBuf,
+    /// The image folder; `None`: the store's embedded images.
+    data: Option<PathBuf>,
     /// Stored views used (all when `None`).
     views: Option<std::ops::Range<u32>>,
     /// Ids of the images with at least one view in `views`, ascending.
@@ -124,13 +126,14 @@ pub struct DataSource {
 
 impl DataSource {
     /// Open `store` for a student of `image_size` px, reading images from
-    /// `data`, using only the stored views in `views` (all when `None`).
+    /// `data` (from the store itself when `None`: a store that carries its
+    /// images), using only the stored views in `views` (all when `None`).
     ///
     /// # Errors
     /// [`TrainError::Incompatible`] when the store's views were made for
     /// another student size or decoder, or the teacher has no CLS token;
     /// store errors.
-    pub fn open(store_dir: &Path, data: &Path, image_size: u32, views: Option<std::ops::Range<u32>>) -> Result<Self> {
+    pub fn open(store_dir: &Path, data: Option<&Path>, image_size: u32, views: Option<std::ops::Range<u32>>) -> Result<Self> {
         let store = Store::open(store_dir)?;
         let m = store.manifest();
         let bad = |what: String| TrainError::Incompatible { store: store_dir.to_owned(), what };
@@ -149,8 +152,15 @@ impl DataSource {
         if !m.teacher.has_cls {
             return Err(bad("its teacher has no CLS token, but the CAE v2 loss aligns the CLS output".into()));
         }
-        if !data.is_dir() {
-            return Err(TrainError::setting("--data", data.display(), "must be a folder"));
+        match data {
+            Some(d) if !d.is_dir() => return Err(TrainError::setting("--data", d.display(), "must be a folder")),
+            None if !m.embeds_images() => {
+                return Err(bad(
+                    "it does not carry its images (extracted without --embed-images): give --data, the image folder it was extracted from"
+                        .into(),
+                ));
+            }
+            _ => {}
         }
         // Shard by shard, so only one index part is decoded at a time; each
         // image keeps only its id and how many views it has.
@@ -177,7 +187,7 @@ impl DataSource {
                 views.map(|r| format!(" numbered {}..{}", r.start, r.end)).unwrap_or_default()
             )));
         }
-        Ok(Self { store: Arc::new(store), data: data.to_owned(), views, ids, counts, fresh: None })
+        Ok(Self { store: Arc::new(store), data: data.map(Path::to_owned), views, ids, counts, fresh: None })
     }
 
     /// The same images, but every epoch draws a new view of each from the
@@ -409,9 +419,25 @@ impl DataSource {
             .zip(picks.par_iter())
             .map(|(img_buf, iv)| {
                 let (view, params) = (&iv.view, &iv.params);
-                let path = self.data.join(&iv.path);
-                let decoded = decode_image(&path, m.views.settings.apply_exif_orientation)
-                    .map_err(|source| TrainError::Decode { image_id: iv.image_id, source })?;
+                let (path, decoded) = match &self.data {
+                    Some(data) => {
+                        let path = data.join(&iv.path);
+                        (path.clone(), decode_image(&path, m.views.settings.apply_exif_orientation))
+                    }
+                    None => {
+                        // the store's copy of the file: the bytes extract decoded
+                        let (shard, _) = m.layout.slot(iv.image_id, 0, 1);
+                        let path = PathBuf::from(format!("{} ({})", self.store.paths().images(shard).display(), iv.path));
+                        let bytes = self.store.image(iv.image_id)?.ok_or_else(|| TrainError::Targets {
+                            image_id: iv.image_id,
+                            view: *view,
+                            what: "has views but no image bytes in the store".into(),
+                        })?;
+                        let decoded = decode_image_bytes(bytes, &path, m.views.settings.apply_exif_orientation);
+                        (path, decoded)
+                    }
+                };
+                let decoded = decoded.map_err(|source| TrainError::Decode { image_id: iv.image_id, source })?;
                 if (decoded.rgb.width(), decoded.rgb.height()) != (params.image_width, params.image_height) {
                     return Err(TrainError::Image {
                         path: path.clone(),

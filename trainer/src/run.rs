@@ -279,7 +279,7 @@ fn settings_digest(cfg: &TrainConfig, store_id: &str, opts: &RunOptions) -> [u8;
     use sha2::Digest;
     let mut c = cfg.clone();
     c.store = PathBuf::new();
-    c.data = PathBuf::new();
+    c.data = None;
     c.live_teacher = c.live_teacher.map(|_| PathBuf::new());
     let mut h = sha2::Sha256::new();
     h.update(serde_json::to_vec(&c).unwrap_or_default());
@@ -303,7 +303,7 @@ fn parameters_by_name(vs: &nn::VarStore) -> Vec<Tensor> {
 /// student with its batch and masking.
 fn open_source(cfg: &TrainConfig) -> Result<Arc<DataSource>> {
     let grid = cfg.model.grid() as usize;
-    let mut source = DataSource::open(&cfg.store, &cfg.data, cfg.model.image_size as u32, cfg.train_views.map(|n| 0..n))?;
+    let mut source = DataSource::open(&cfg.store, cfg.data.as_deref(), cfg.model.image_size as u32, cfg.train_views.map(|n| 0..n))?;
     if cfg.fresh_views {
         source = source.with_fresh_views()?;
         let last_epoch = cfg.steps.saturating_sub(1) / source.steps_per_epoch(cfg.batch).max(1);

@@ -110,13 +110,13 @@ pub fn run(cmd: EvalCommand) -> Result<ExitCode> {
             tch::set_num_threads(threads as i32);
             let loaded = trainer::load_checkpoint(&checkpoint, tch::Device::Cpu)?;
             let store = shards.unwrap_or_else(|| loaded.config.store.clone());
-            let data = data.unwrap_or_else(|| loaded.config.data.clone());
-            let (v, z) = tools::eval::alignment(&loaded, &store, &data, views.clone(), batch, threads)?;
+            let data = data.or_else(|| loaded.config.data.clone());
+            let (v, z) = tools::eval::alignment(&loaded, &store, data.as_deref(), views.clone(), batch, threads)?;
             let floor = if no_random {
                 None
             } else {
                 let init = trainer::initial_model(&loaded, tch::Device::Cpu);
-                Some(tools::eval::alignment(&init, &store, &data, views.clone(), batch, threads)?)
+                Some(tools::eval::alignment(&init, &store, data.as_deref(), views.clone(), batch, threads)?)
             };
             if json {
                 let mut j = serde_json::json!({

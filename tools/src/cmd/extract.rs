@@ -101,17 +101,27 @@ pub struct ExtractArgs {
     #[arg(long, default_value_t = DEFAULT_IMAGES_PER_SHARD)]
     images_per_shard: u32,
     /// Split the work across N processes or machines writing one store...
-    #[arg(long, default_value_t = 1)]
-    num_workers: u32,
-    /// ...of which this is number I (it takes shards s with s % N == I).
-    #[arg(long, default_value_t = 0)]
-    worker_index: u32,
+    /// [default: the launcher's count under torchrun (WORLD_SIZE), srun
+    /// (SLURM_NTASKS) or a Slurm array (SLURM_ARRAY_TASK_COUNT), else 1]
+    #[arg(long)]
+    num_workers: Option<u32>,
+    /// ...of which this is number I (it takes shards s with s % N == I)
+    /// [default: the launcher's RANK, SLURM_PROCID or array task, else 0;
+    /// flags that disagree with a launcher are refused]
+    #[arg(long)]
+    worker_index: Option<u32>,
     /// Only these shards, e.g. 0..100 (end exclusive).
     #[arg(long, value_name = "A..B", value_parser = parse_range)]
     shards: Option<Range<u32>>,
     /// Ignore EXIF orientation (torchvision's default loader does).
     #[arg(long)]
     ignore_exif: bool,
+    /// Store each image's file bytes in the store (format version 2,
+    /// unchanged bytes: the views rebuild bit for bit), so that `train`,
+    /// `eval align` and `inspect show/render` need no --data: one folder
+    /// to copy to a cluster or a node's local disk.
+    #[arg(long)]
+    embed_images: bool,
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
@@ -161,6 +171,14 @@ fn teacher_device(a: &ExtractArgs) -> Result<(TeacherDevice, Option<String>)> {
 
 /// Run `caev2 extract`.
 pub fn run(a: ExtractArgs) -> Result<ExitCode> {
+    // under torchrun, srun or a Slurm array, this process is one worker of many
+    let launcher = target_extractor::launcher::from_env(|k| std::env::var(k).ok())?;
+    let (num_workers, worker_index) = target_extractor::launcher::resolve(a.num_workers, a.worker_index, launcher.as_ref())?;
+    if let Some(l) = &launcher
+        && super::progress(a.no_progress)
+    {
+        eprintln!("extract: worker {} of {}, from {}", l.index, l.count, l.source);
+    }
     let models = a.models.clone().unwrap_or_else(models_dir);
     let mut spec = match (a.clip, &a.teacher) {
         (Some(c), None) => c.spec(&models)?,
@@ -192,10 +210,11 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
         seed: a.seed,
         student_size: a.student_size,
         images_per_shard: a.images_per_shard,
-        num_workers: a.num_workers,
-        worker_index: a.worker_index,
+        num_workers,
+        worker_index,
         shards: a.shards.clone(),
         apply_exif_orientation: !a.ignore_exif,
+        embed_images: a.embed_images,
         dump_inputs: a.debug_dump_inputs.clone(),
         progress: super::progress(a.no_progress),
         ..defaults

@@ -54,7 +54,8 @@ pub enum InspectCommand {
         /// Only this view [default: all views of the image].
         #[arg(long)]
         view: Option<u32>,
-        /// Image folder [default: the dataset root recorded in the store].
+        /// Image folder [default: the store's own images when it carries
+        /// them, else the dataset root recorded in the store].
         #[arg(long)]
         data: Option<PathBuf>,
         /// Output PNG.
@@ -78,18 +79,31 @@ pub enum InspectCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Write a complete store again with another codec, without the teacher:
-    /// same views and index, new records. Resumable like extract; verify the
-    /// result with `inspect verify` and its fidelity with `inspect compare`.
+    /// Write a complete store again with another codec, or with its images
+    /// embedded, without the teacher: same views and index, new records
+    /// (copied byte for byte when the codec stays). Resumable like extract;
+    /// verify the result with `inspect verify` and its fidelity with
+    /// `inspect compare`.
     Recode {
         /// Source store (complete).
         src: PathBuf,
         /// Destination folder (new, or a killed recode of the same source
-        /// and codec to finish).
+        /// and settings to finish).
         dst: PathBuf,
-        /// Codec of the destination.
+        /// Codec of the destination (default: the source's).
         #[arg(long, value_enum)]
-        codec: shard_store::Codec,
+        codec: Option<shard_store::Codec>,
+        /// Embed the images (format version 2), read from this folder: the
+        /// one the store was extracted from (each file must decode to the
+        /// size the index records: the only check possible, so a file
+        /// replaced by one of the same size is not noticed). A source that
+        /// carries its images keeps them without this.
+        #[arg(long, value_name = "DATA", conflicts_with = "drop_images")]
+        embed_images: Option<PathBuf>,
+        /// Leave the images out (a version 1 store that reads them from a
+        /// dataset folder).
+        #[arg(long)]
+        drop_images: bool,
         #[command(flatten)]
         fit: super::FitArgs,
         /// Print JSON.
@@ -151,15 +165,24 @@ pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        InspectCommand::Recode { src, dst, codec, fit, json } => {
+        InspectCommand::Recode { src, dst, codec, embed_images, drop_images, fit, json } => {
             let source = shard_store::Store::open(&src)?;
+            let codec = codec.unwrap_or(source.manifest().codec);
+            let images = match (embed_images, drop_images) {
+                (Some(data), _) => {
+                    shard_store::check_local(&data)?;
+                    shard_store::RecodeImages::Embed(data)
+                }
+                (None, true) => shard_store::RecodeImages::Drop,
+                (None, false) => shard_store::RecodeImages::Keep,
+            };
             let total = source.manifest().layout.num_shards;
             let bar = indicatif::ProgressBar::new(u64::from(total));
             if !super::progress(json) {
                 bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
             }
             let t = std::time::Instant::now();
-            let r = shard_store::recode(&source, &dst, codec, fit.fit(), |_| bar.inc(1))
+            let r = shard_store::recode(&source, &dst, codec, fit.fit(), &images, |_| bar.inc(1))
                 .with_context(|| format!("recoding {} into {}", src.display(), dst.display()))?;
             bar.finish_and_clear();
             let secs = t.elapsed().as_secs_f64();
@@ -167,8 +190,9 @@ pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&serde_json::json!({"recoded": r, "seconds": secs}))?);
             } else {
                 println!(
-                    "recode: {} views in {} shards written in {:.1} s ({:.0} views/s), {:.1} MB; {} shards were already done",
+                    "recode: {} views{} in {} shards written in {:.1} s ({:.0} views/s), {:.1} MB; {} shards were already done",
                     r.views,
+                    if r.images > 0 { format!(" and {} images", r.images) } else { String::new() },
                     r.shards_written,
                     secs,
                     r.views as f64 / secs.max(1e-9),

@@ -15,9 +15,10 @@ pub struct TrainArgs {
     /// Target store made by `caev2 extract`.
     #[arg(long)]
     shards: PathBuf,
-    /// The image folder the store was extracted from.
+    /// The image folder the store was extracted from; not needed for a
+    /// store that carries its images (`extract --embed-images`).
     #[arg(long)]
-    data: PathBuf,
+    data: Option<PathBuf>,
     /// Student size.
     #[arg(long, value_enum, default_value_t = Preset::Tiny)]
     model: Preset,
@@ -169,7 +170,7 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         Some(s) => Budget::Steps(s),
         None => Budget::Epochs(a.epochs.unwrap_or(PAPER_EPOCHS)),
     };
-    let mut cfg = TrainConfig::paper(&a.shards, &a.data, a.model, a.batch, budget, a.train_views)?;
+    let mut cfg = TrainConfig::paper(&a.shards, a.data.as_deref(), a.model, a.batch, budget, a.train_views)?;
     if let Some(d) = a.regressor_depth {
         cfg.model.regressor_depth = d;
     }
