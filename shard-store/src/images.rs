@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use crate::error::{Result, StoreError};
-use crate::records::{HEADER_LEN, RecordFile, RecordWriter, map_file};
+use crate::records::{HEADER_LEN, RecordFile, RecordWriter, check_header, frame_header, map_file, store_id_of, u32_le, u64_le};
 
 /// Magic at the start of every image pack.
 pub const IMAGES_MAGIC: [u8; 8] = *b"CAE2IMGS";
@@ -30,40 +30,17 @@ pub struct ImagePackHeader {
 
 impl ImagePackHeader {
     fn encode(&self) -> [u8; HEADER_LEN] {
-        let mut h = [0u8; HEADER_LEN];
-        h[0..8].copy_from_slice(&IMAGES_MAGIC);
-        h[8..12].copy_from_slice(&IMAGES_VERSION.to_le_bytes());
-        h[12..16].copy_from_slice(&self.shard_index.to_le_bytes());
-        h[16..24].copy_from_slice(&self.first_image.to_le_bytes());
-        h[24..28].copy_from_slice(&self.num_images.to_le_bytes());
-        // 28..48 reserved, zero
-        h[48..60].copy_from_slice(&self.store_id);
-        let crc = crc32c::crc32c(&h[..60]);
-        h[60..64].copy_from_slice(&crc.to_le_bytes());
-        h
+        frame_header(&IMAGES_MAGIC, IMAGES_VERSION, &self.store_id, |f| {
+            // bytes 12..48 of the header; 28..48 reserved, zero
+            f[0..4].copy_from_slice(&self.shard_index.to_le_bytes());
+            f[4..12].copy_from_slice(&self.first_image.to_le_bytes());
+            f[12..16].copy_from_slice(&self.num_images.to_le_bytes());
+        })
     }
 
-    fn decode(path: &Path, h: &[u8]) -> Result<Self> {
-        let corrupt = |offset: u64, what: String| StoreError::Corrupt { path: path.to_owned(), offset, what };
-        if h.len() < HEADER_LEN {
-            return Err(corrupt(0, format!("file is {} bytes, shorter than the {HEADER_LEN}-byte header", h.len())));
-        }
-        if h[0..8] != IMAGES_MAGIC {
-            return Err(corrupt(0, "bad magic: not a caev2 image pack".into()));
-        }
-        let u32_at = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
-        let version = u32_at(8);
-        if version != IMAGES_VERSION {
-            return Err(StoreError::UnsupportedVersion { path: path.to_owned(), found: version, supported: IMAGES_VERSION });
-        }
-        if u32_at(60) != crc32c::crc32c(&h[..60]) {
-            return Err(corrupt(60, "header checksum mismatch".into()));
-        }
-        let mut store_id = [0u8; 12];
-        store_id.copy_from_slice(&h[48..60]);
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&h[16..24]);
-        Ok(Self { shard_index: u32_at(12), first_image: u64::from_le_bytes(first), num_images: u32_at(24), store_id })
+    fn decode(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let h = check_header(path, bytes, &IMAGES_MAGIC, IMAGES_VERSION, "image pack")?;
+        Ok(Self { shard_index: u32_le(h, 12), first_image: u64_le(h, 16), num_images: u32_le(h, 24), store_id: store_id_of(h) })
     }
 }
 
@@ -146,6 +123,11 @@ impl ImagePackReader {
     /// File size in bytes.
     pub fn file_len(&self) -> u64 {
         self.records.file_len()
+    }
+
+    /// CRC-32C of the whole file (the shard report's `images_crc32c`).
+    pub fn file_crc32c(&self) -> u32 {
+        self.records.file_crc32c()
     }
 
     /// The file bytes of image `image_id`, zero-copy, after checking their

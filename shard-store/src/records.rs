@@ -24,6 +24,60 @@ pub const ENTRY_LEN: usize = 16;
 /// Alignment of every record payload (and of the table: 8).
 pub const RECORD_ALIGN: u64 = 64;
 
+/// A header of `kind` (`shard`, `image pack`) with its frame, which every
+/// record file shares: `magic` at 0..8, `version` at 8..12, `store_id` at
+/// 48..60 and the CRC-32C of bytes 0..60 at 60..64; `fields` writes the
+/// kind's own bytes 12..48.
+pub(crate) fn frame_header(magic: &[u8; 8], version: u32, store_id: &[u8; 12], fields: impl FnOnce(&mut [u8])) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..8].copy_from_slice(magic);
+    h[8..12].copy_from_slice(&version.to_le_bytes());
+    fields(&mut h[12..48]);
+    h[48..60].copy_from_slice(store_id);
+    let crc = crc32c::crc32c(&h[..60]);
+    h[60..64].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Check the frame of the header at the start of `bytes` (a file of
+/// `kind`): its length, magic, version and CRC, in that order. Returns the
+/// header's 64 bytes.
+pub(crate) fn check_header<'a>(path: &Path, bytes: &'a [u8], magic: &[u8; 8], version: u32, kind: &str) -> Result<&'a [u8]> {
+    let corrupt = |offset: u64, what: String| StoreError::Corrupt { path: path.to_owned(), offset, what };
+    if bytes.len() < HEADER_LEN {
+        return Err(corrupt(0, format!("file is {} bytes, shorter than the {HEADER_LEN}-byte header", bytes.len())));
+    }
+    let h = &bytes[..HEADER_LEN];
+    if h[0..8] != magic[..] {
+        return Err(corrupt(0, format!("bad magic: not a caev2 {kind}")));
+    }
+    let found = u32_le(h, 8);
+    if found != version {
+        return Err(StoreError::UnsupportedVersion { path: path.to_owned(), found, supported: version });
+    }
+    if u32_le(h, 60) != crc32c::crc32c(&h[..60]) {
+        return Err(corrupt(60, "header checksum mismatch".into()));
+    }
+    Ok(h)
+}
+
+/// The little-endian u32 at byte `o` of `b`.
+pub(crate) fn u32_le(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+
+/// The little-endian u64 at byte `o` of `b`.
+pub(crate) fn u64_le(b: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3], b[o + 4], b[o + 5], b[o + 6], b[o + 7]])
+}
+
+/// The 12-byte store id of a header.
+pub(crate) fn store_id_of(h: &[u8]) -> [u8; 12] {
+    let mut id = [0u8; 12];
+    id.copy_from_slice(&h[48..60]);
+    id
+}
+
 /// One record-table entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Entry {
@@ -214,6 +268,11 @@ impl RecordFile {
 
     pub(crate) fn file_len(&self) -> u64 {
         self.mmap.len() as u64
+    }
+
+    /// CRC-32C of the whole file, from the map.
+    pub(crate) fn file_crc32c(&self) -> u32 {
+        crc32c::crc32c(&self.mmap)
     }
 
     /// The table entry of `slot` (`slot < slots`, checked by callers).

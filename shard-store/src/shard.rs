@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::codec::Codec;
 use crate::error::{Result, StoreError};
 use crate::pca::PcaModel;
-use crate::records::{Entry, HEADER_LEN, RecordFile, RecordWriter, map_file};
+use crate::records::{Entry, HEADER_LEN, RecordFile, RecordWriter, check_header, frame_header, map_file, store_id_of, u32_le, u64_le};
 
 /// Magic at the start of every shard.
 pub const SHARD_MAGIC: [u8; 8] = *b"CAE2SHRD";
@@ -54,52 +54,34 @@ impl ShardHeader {
     }
 
     fn encode(&self) -> [u8; HEADER_LEN] {
-        let mut h = [0u8; HEADER_LEN];
-        h[0..8].copy_from_slice(&SHARD_MAGIC);
-        h[8..12].copy_from_slice(&SHARD_VERSION.to_le_bytes());
-        h[12..16].copy_from_slice(&self.codec.id().to_le_bytes());
-        h[16..20].copy_from_slice(&self.shard_index.to_le_bytes());
-        h[20..24].copy_from_slice(&self.views_per_image.to_le_bytes());
-        h[24..32].copy_from_slice(&self.first_image.to_le_bytes());
-        h[32..36].copy_from_slice(&self.num_images.to_le_bytes());
-        h[36..40].copy_from_slice(&self.tokens.to_le_bytes());
-        h[40..44].copy_from_slice(&self.dim.to_le_bytes());
-        // 44..48 reserved, zero
-        h[48..60].copy_from_slice(&self.store_id);
-        let crc = crc32c::crc32c(&h[..60]);
-        h[60..64].copy_from_slice(&crc.to_le_bytes());
-        h
+        frame_header(&SHARD_MAGIC, SHARD_VERSION, &self.store_id, |f| {
+            // bytes 12..48 of the header; 44..48 reserved, zero
+            f[0..4].copy_from_slice(&self.codec.id().to_le_bytes());
+            f[4..8].copy_from_slice(&self.shard_index.to_le_bytes());
+            f[8..12].copy_from_slice(&self.views_per_image.to_le_bytes());
+            f[12..20].copy_from_slice(&self.first_image.to_le_bytes());
+            f[20..24].copy_from_slice(&self.num_images.to_le_bytes());
+            f[24..28].copy_from_slice(&self.tokens.to_le_bytes());
+            f[28..32].copy_from_slice(&self.dim.to_le_bytes());
+        })
     }
 
-    fn decode(path: &Path, h: &[u8]) -> Result<Self> {
-        let corrupt = |offset: u64, what: String| StoreError::Corrupt { path: path.to_owned(), offset, what };
-        if h.len() < HEADER_LEN {
-            return Err(corrupt(0, format!("file is {} bytes, shorter than the {HEADER_LEN}-byte header", h.len())));
-        }
-        if h[0..8] != SHARD_MAGIC {
-            return Err(corrupt(0, "bad magic: not a caev2 shard".into()));
-        }
-        let u32_at = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
-        let version = u32_at(8);
-        if version != SHARD_VERSION {
-            return Err(StoreError::UnsupportedVersion { path: path.to_owned(), found: version, supported: SHARD_VERSION });
-        }
-        let crc = u32_at(60);
-        if crc != crc32c::crc32c(&h[..60]) {
-            return Err(corrupt(60, "header checksum mismatch".into()));
-        }
-        let codec = Codec::from_id(u32_at(12)).ok_or_else(|| corrupt(12, format!("unknown codec id {}", u32_at(12))))?;
-        let mut store_id = [0u8; 12];
-        store_id.copy_from_slice(&h[48..60]);
+    fn decode(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let h = check_header(path, bytes, &SHARD_MAGIC, SHARD_VERSION, "shard")?;
+        let codec = Codec::from_id(u32_le(h, 12)).ok_or_else(|| StoreError::Corrupt {
+            path: path.to_owned(),
+            offset: 12,
+            what: format!("unknown codec id {}", u32_le(h, 12)),
+        })?;
         Ok(Self {
             codec,
-            shard_index: u32_at(16),
-            views_per_image: u32_at(20),
-            first_image: u64::from_le_bytes(h[24..32].try_into().map_err(|_| corrupt(24, "short".into()))?),
-            num_images: u32_at(32),
-            tokens: u32_at(36),
-            dim: u32_at(40),
-            store_id,
+            shard_index: u32_le(h, 16),
+            views_per_image: u32_le(h, 20),
+            first_image: u64_le(h, 24),
+            num_images: u32_le(h, 32),
+            tokens: u32_le(h, 36),
+            dim: u32_le(h, 40),
+            store_id: store_id_of(h),
         })
     }
 }

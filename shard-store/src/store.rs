@@ -565,11 +565,12 @@ impl Store {
     }
 
     /// Image pack `s` opened and checked (its header against the manifest,
-    /// its size and CRC against the shard's report when `whole`), not kept.
+    /// its size against the shard's report), not kept. The whole file's
+    /// CRC is [`ImagePackReader::file_crc32c`], for a verification.
     ///
     /// # Errors
     /// A store that does not carry its images, IO, corruption.
-    pub fn open_image_pack(&self, s: u32, whole: bool) -> Result<ImagePackReader> {
+    pub fn open_image_pack(&self, s: u32) -> Result<ImagePackReader> {
         let m = &self.manifest;
         if !m.embeds_images() {
             return Err(StoreError::OutOfRange(format!("store {} does not carry its images", self.paths.root.display())));
@@ -579,17 +580,14 @@ impl Store {
         }
         let path = self.paths.images(s);
         let pack = ImagePackReader::open(&path, &m.image_pack_header(s))?;
-        if let Some(report) = self.report(s)? {
-            let corrupt = |what: String| StoreError::Corrupt { path: path.clone(), offset: 0, what };
-            if report.images_bytes != Some(pack.file_len()) {
-                return Err(corrupt(format!("{} bytes, its shard report says {:?}", pack.file_len(), report.images_bytes)));
-            }
-            if whole {
-                let bytes = std::fs::read(&path).map_err(io(&path, "read image pack"))?;
-                if report.images_crc32c != Some(crc32c::crc32c(&bytes)) {
-                    return Err(corrupt("checksum differs from the one in its shard report".into()));
-                }
-            }
+        if let Some(report) = self.report(s)?
+            && report.images_bytes != Some(pack.file_len())
+        {
+            return Err(StoreError::Corrupt {
+                path,
+                offset: 0,
+                what: format!("{} bytes, its shard report says {:?}", pack.file_len(), report.images_bytes),
+            });
         }
         Ok(pack)
     }
@@ -612,7 +610,7 @@ impl Store {
             .get(s as usize)
             .ok_or_else(|| StoreError::OutOfRange(format!("store {} does not carry its images", self.paths.root.display())))?;
         if cell.get().is_none() {
-            let _ = cell.set(self.open_image_pack(s, false)?);
+            let _ = cell.set(self.open_image_pack(s)?);
         }
         cell.get().expect("set above").image(image_id)
     }

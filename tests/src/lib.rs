@@ -219,6 +219,14 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     (dot / (na * nb).max(1e-30)) as f32
 }
 
+/// `caev2 extract` of `data` into `out` with the tiny ViT teacher and the
+/// `extra` flags, no progress bar; its stdout.
+pub fn extract_tiny(data: &Path, out: &Path, extra: &[&str]) -> String {
+    let teacher = tiny_vit();
+    let args = ["extract", "--teacher", s(&teacher), "--data", s(data), "--out", s(out), "--no-progress"];
+    run_ok(&[&args[..], extra].concat())
+}
+
 /// All files of a store that must be identical between two runs (shards,
 /// index parts, image packs, reports, manifest minus the informational fields), as
 /// `(relative path, bytes)`, sorted.

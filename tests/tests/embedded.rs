@@ -9,9 +9,7 @@ use caev2_tests::*;
 use shard_store::Store;
 
 fn extract(data: &Path, out: &Path, extra: &[&str]) {
-    let teacher = tiny_vit();
-    let args = ["extract", "--teacher", s(&teacher), "--data", s(data), "--out", s(out), "--views", "2", "--student-size", "112"];
-    run_ok(&[&args[..], &["--images-per-shard", "8", "--no-progress"], extra].concat());
+    extract_tiny(data, out, &[&["--views", "2", "--student-size", "112", "--images-per-shard", "8"], extra].concat());
 }
 
 fn train(store: &Path, data: Option<&Path>, out: &Path) -> std::process::Output {

@@ -167,20 +167,7 @@ fn flipped_byte_in_a_shard_is_detected() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = mixed_dataset(tmp.path());
     let out = tmp.path().join("store");
-    run_ok(&[
-        "extract",
-        "--teacher",
-        s(&tiny_vit()),
-        "--data",
-        s(&data),
-        "--out",
-        s(&out),
-        "--views",
-        "2",
-        "--images-per-shard",
-        "2",
-        "--no-progress",
-    ]);
+    extract_tiny(&data, &out, &["--views", "2", "--images-per-shard", "2"]);
     assert!(run_ok(&["inspect", "verify", s(&out)]).contains("0 problems"));
     let store = Store::open(&out).expect("open");
     let row = store.index().expect("index").into_iter().find(|r| r.shard == 1 && r.view == 1).expect("a row in shard 1");

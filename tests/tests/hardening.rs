@@ -14,20 +14,7 @@ fn small_store(tmp: &Path) -> (PathBuf, PathBuf) {
     let data = tmp.join("data");
     two_class_photos(&data);
     let store = tmp.join("store");
-    run_ok(&[
-        "extract",
-        "--teacher",
-        s(&tiny_vit()),
-        "--data",
-        s(&data),
-        "--out",
-        s(&store),
-        "--views",
-        "2",
-        "--images-per-shard",
-        "4",
-        "--no-progress",
-    ]);
+    extract_tiny(&data, &store, &["--views", "2", "--images-per-shard", "4"]);
     (data, store)
 }
 

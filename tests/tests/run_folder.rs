@@ -14,20 +14,7 @@ fn store(tmp: &Path) -> (PathBuf, PathBuf) {
     let data = tmp.join("data");
     imagenet_dataset(&data, 20);
     let out = tmp.join("store");
-    run_ok(&[
-        "extract",
-        "--teacher",
-        s(&tiny_vit()),
-        "--data",
-        s(&data),
-        "--out",
-        s(&out),
-        "--views",
-        "2",
-        "--student-size",
-        "112",
-        "--no-progress",
-    ]);
+    extract_tiny(&data, &out, &["--views", "2", "--student-size", "112"]);
     (data, out)
 }
 

@@ -1,7 +1,7 @@
 //! `caev2 inspect`, `eval`, `export`, `plot` on a small real store built by
 //! the test, each checked against values it can know.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use caev2_tests::*;
@@ -148,6 +148,27 @@ fn compare_f16_with_f32() {
 }
 
 /// Every file under `root`, relative path -> bytes.
+/// `caev2 train` of `steps` steps of 2 images on the CPU.
+fn train_args<'a>(store: &'a Path, data: &'a Path, out: &'a Path, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--shards",
+        s(store),
+        "--data",
+        s(data),
+        "--out",
+        s(out),
+        "--batch",
+        "2",
+        "--steps",
+        steps,
+        "--lr",
+        "5e-4",
+        "--device",
+        "cpu",
+    ]
+}
+
 fn files(root: &std::path::Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
     let mut out = std::collections::BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
@@ -187,23 +208,7 @@ fn recode_writes_what_extract_would_have_written() {
     let c16 = json(&["inspect", "compare", s(&f.f32), s(&f.f16), "--json"]);
     assert!(c["bytes_per_view_b"].as_f64().expect("b") < c16["bytes_per_view_b"].as_f64().expect("b"), "{c} {c16}");
     let run8 = tmp.path().join("run8");
-    run_ok(&[
-        "train",
-        "--shards",
-        s(&r8),
-        "--data",
-        s(&f.data),
-        "--out",
-        s(&run8),
-        "--batch",
-        "2",
-        "--steps",
-        "2",
-        "--lr",
-        "5e-4",
-        "--device",
-        "cpu",
-    ]);
+    run_ok(&train_args(&r8, &f.data, &run8, "2"));
     assert_eq!(losses(&run8).len(), 2);
 
     // a lost shard is rewritten, the rest kept
@@ -367,23 +372,7 @@ fn pca_codec_fits_once_and_is_checked() {
     assert_eq!(files(&rp), files(&p), "recoded pca differs from extracted pca");
 
     let runp = tmp2.path().join("runp");
-    run_ok(&[
-        "train",
-        "--shards",
-        s(&p),
-        "--data",
-        s(&f.data),
-        "--out",
-        s(&runp),
-        "--batch",
-        "2",
-        "--steps",
-        "2",
-        "--lr",
-        "5e-4",
-        "--device",
-        "cpu",
-    ]);
+    run_ok(&train_args(&p, &f.data, &runp, "2"));
     let l = losses(&runp);
     assert!(l.len() == 2 && l.iter().all(|x| x.1.is_finite() && x.1 > 0.0), "{l:?}");
 
@@ -443,26 +432,7 @@ fn pca_codec_fits_once_and_is_checked() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 1;
     std::fs::write(&model, &bytes).expect("damage");
-    for args in [
-        vec!["inspect", "verify", s(&p)],
-        vec![
-            "train",
-            "--shards",
-            s(&p),
-            "--data",
-            s(&f.data),
-            "--out",
-            s(&runp),
-            "--batch",
-            "2",
-            "--steps",
-            "4",
-            "--lr",
-            "5e-4",
-            "--device",
-            "cpu",
-        ],
-    ] {
+    for args in [vec!["inspect", "verify", s(&p)], train_args(&p, &f.data, &runp, "4")] {
         let out = run(&args);
         let e = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(!out.status.success() && e.contains(&first[0]) && e.contains("damaged codec model"), "{args:?}: {e}");
