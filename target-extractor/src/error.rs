@@ -48,6 +48,9 @@ pub enum ExtractError {
     /// The store refused or failed.
     #[error(transparent)]
     Store(#[from] shard_store::StoreError),
+    /// The bucket the store is published to refused or failed.
+    #[error(transparent)]
+    Remote(#[from] remote_store::RemoteError),
 }
 
 impl ExtractError {

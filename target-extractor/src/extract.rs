@@ -19,7 +19,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use shard_store::{
     Codec, CodecFit, DatasetInfo, ImagePackWriter, IndexRow, Layout, Manifest, PcaFit, PcaModel, ShardClaim, ShardReport, ShardWriter,
-    Skipped, StoreWriter, ViewsInfo, fit_sample_images,
+    Skipped, StorePaths, StoreWriter, ViewsInfo, fit_sample_images,
 };
 
 use crate::dataset::Dataset;
@@ -31,8 +31,13 @@ use teacher::{Teacher, TeacherError, TeacherSpec};
 pub struct ExtractConfig {
     /// Image folder.
     pub data: PathBuf,
-    /// Store folder.
+    /// Store folder (with `publish`, the local staging copy of the bucket's store).
     pub out: PathBuf,
+    /// Object storage the store is published to: every committed shard is
+    /// uploaded and checked before its report appears there, and shards are
+    /// claimed in the bucket so that machines without a shared file system
+    /// divide the work.
+    pub publish: Option<remote_store::Publisher>,
     /// The teacher.
     pub teacher: TeacherSpec,
     /// Views per image (K).
@@ -111,6 +116,7 @@ impl ExtractConfig {
         Self {
             data,
             out,
+            publish: None,
             teacher,
             views: DEFAULT_VIEWS,
             batch: DEFAULT_BATCH,
@@ -288,6 +294,13 @@ fn decode_stage<'a>(d: &Decode<'_>, store: &'a StoreWriter, todo: &[u32], tx: Se
             busy += 1;
             continue;
         };
+        // a worker on another machine may hold it in the bucket
+        if let Some(p) = &d.cfg.publish
+            && !p.claim(shard)?
+        {
+            busy += 1;
+            continue;
+        }
         let ids: Vec<u64> = store.manifest().layout.images_of(shard, num_images).collect();
         if tx.send(Msg::Start(claim)).is_err() {
             return Ok(busy);
@@ -434,7 +447,11 @@ fn write_stage(rx: Receiver<Msg<'_>>, cfg: &ExtractConfig, manifest: &Manifest, 
                 if let Some(open) = current.take() {
                     let range = manifest.layout.images_of(open.claim.shard(), manifest.dataset.num_images);
                     let report = ShardReport::new(open.claim.shard(), range, open.rows.len() as u64, open.skipped);
+                    let shard = open.claim.shard();
                     let r = open.claim.commit(open.writer, open.pack, &open.rows, report)?;
+                    if let Some(p) = &cfg.publish {
+                        p.publish(&StorePaths::new(&cfg.out), manifest, shard)?;
+                    }
                     done.shards += 1;
                     done.views += r.views_stored;
                     done.bytes += r.shard_bytes + r.index_bytes + r.images_bytes.unwrap_or(0);
@@ -563,8 +580,35 @@ pub fn run_extract(cfg: &ExtractConfig) -> Result<ExtractSummary> {
     // Enough images per chunk to keep every decode thread and one batch busy.
     let chunk = (cfg.batch.div_ceil(cfg.views as usize)).max(cfg.decode_threads * 2).max(1);
     let decode = Decode { cfg, ds: &ds, sampler: &sampler, pool: &pool, size: s, mean, std, chunk };
+    if let Some(p) = &cfg.publish {
+        p.pull_manifest(&cfg.out)?; // join the bucket's store, if it has one
+    }
     let store = StoreWriter::create_or_open_fitting(&cfg.out, &manifest, || fit_codec(&decode, &mut teacher, &manifest, per_view))?;
     let manifest = store.manifest().clone();
+    let remote_done = match &cfg.publish {
+        Some(p) => {
+            p.push_manifest(&cfg.out, &manifest)?;
+            Some(p.done_shards()?.into_iter().collect::<std::collections::BTreeSet<u32>>())
+        }
+        None => None,
+    };
+    // complete here and, with a bucket, there too (a shard committed here by
+    // a worker killed before its upload ended is uploaded now)
+    let is_done = |s: u32| -> Result<bool> {
+        match (&cfg.publish, &remote_done) {
+            (Some(p), Some(remote)) => {
+                if remote.contains(&s) {
+                    return Ok(true);
+                }
+                if store.is_done(s) {
+                    p.publish(store.paths(), &manifest, s)?;
+                    return Ok(true);
+                }
+                Ok(false)
+            }
+            _ => Ok(store.is_done(s)),
+        }
+    };
 
     let layout = &manifest.layout;
     let mut summary = ExtractSummary { images: ds.files.len() as u64, shards_total: layout.num_shards, teacher_load, ..Default::default() };
@@ -572,7 +616,7 @@ pub fn run_extract(cfg: &ExtractConfig) -> Result<ExtractSummary> {
     for s in 0..layout.num_shards {
         if s % cfg.num_workers != cfg.worker_index || cfg.shards.as_ref().is_some_and(|r| !r.contains(&s)) {
             summary.shards_other_workers += 1;
-        } else if store.is_done(s) {
+        } else if is_done(s)? {
             summary.shards_already_done += 1;
         } else {
             todo.push(s);
@@ -614,7 +658,10 @@ pub fn run_extract(cfg: &ExtractConfig) -> Result<ExtractSummary> {
     });
     bar.finish_and_clear();
     result?;
-    summary.store_complete = (0..layout.num_shards).all(|s| store.is_done(s));
+    summary.store_complete = match &cfg.publish {
+        Some(p) => p.done_shards()?.len() as u32 == layout.num_shards,
+        None => (0..layout.num_shards).all(|s| store.is_done(s)),
+    };
     summary.elapsed = start.elapsed();
     summary.manifest = Some(manifest);
     Ok(summary)

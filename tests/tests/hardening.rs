@@ -272,18 +272,28 @@ fn huge_or_odd_arguments_are_refused_before_anything_is_written() {
         assert!(!run_dir.exists());
     }
 
-    // URLs are refused, not turned into local folders named "s3:"
+    // URLs where only a local path works (image folders, run folders) and
+    // schemes without an object store are refused, not turned into local
+    // folders named "s3:" (stores in buckets: tests/tests/remote.rs)
     let cwd = tmp.path().join("cwd");
     std::fs::create_dir_all(&cwd).expect("mkdir");
-    for args in [
-        vec!["extract", "--teacher", s(&tiny_vit()), "--data", s(&data), "--out", "s3://bucket/x"],
-        vec!["extract", "--teacher", s(&tiny_vit()), "--data", "gs://bucket/images", "--out", "store"],
-        vec!["train", "--shards", s(&out), "--data", s(&data), "--out", "s3://bucket/run", "--steps", "1", "--batch", "1"],
-        vec!["inspect", "verify", "https://example.com/store"],
+    for (args, says) in [
+        (vec!["extract", "--teacher", s(&tiny_vit()), "--data", "gs://bucket/images", "--out", "store"], "not a local path"),
+        (
+            vec!["train", "--shards", s(&out), "--data", s(&data), "--out", "s3://bucket/run", "--steps", "1", "--batch", "1"],
+            "not a local path",
+        ),
+        (vec!["inspect", "verify", "https://example.com/store"], "https:// is not supported"),
+        (vec!["extract", "--teacher", s(&tiny_vit()), "--data", s(&data), "--out", "ftp://host/x"], "ftp:// is not supported"),
     ] {
-        let o = std::process::Command::new(caev2()).args(&args).current_dir(&cwd).output().expect("spawn");
+        let o = std::process::Command::new(caev2())
+            .args(&args)
+            .current_dir(&cwd)
+            .env("CAEV2_CACHE", tmp.path().join("cache"))
+            .output()
+            .expect("spawn");
         let e = failed(&o);
-        assert!(e.contains("not a local path"), "{e}");
+        assert!(e.contains(says), "{e}");
     }
     assert_eq!(std::fs::read_dir(&cwd).expect("list").count(), 0, "nothing written in the working folder");
 }

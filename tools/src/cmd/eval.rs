@@ -24,9 +24,11 @@ pub enum EvalCommand {
         /// Checkpoint folder or run folder.
         #[arg(long)]
         checkpoint: PathBuf,
-        /// Store [default: the run's].
+        /// Store, or a bucket URL read through --cache [default: the run's].
         #[arg(long)]
         shards: Option<PathBuf>,
+        #[command(flatten)]
+        cache: super::CacheArgs,
         /// Image folder [default: the run's].
         #[arg(long)]
         data: Option<PathBuf>,
@@ -105,11 +107,12 @@ pub fn run(cmd: EvalCommand) -> Result<ExitCode> {
     match cmd {
         EvalCommand::Knn(a) => run_probe(a, true),
         EvalCommand::Linear(a) => run_probe(a, false),
-        EvalCommand::Align { checkpoint, shards, data, views, batch, no_random, threads, json } => {
+        EvalCommand::Align { checkpoint, shards, cache, data, views, batch, no_random, threads, json } => {
             let threads = threads.unwrap_or_else(super::cores);
             tch::set_num_threads(threads as i32);
             let loaded = trainer::load_checkpoint(&checkpoint, tch::Device::Cpu)?;
             let store = shards.unwrap_or_else(|| loaded.config.store.clone());
+            let (store, _pin) = cache.local(&store, remote_store::Need::Everything, super::progress(json))?;
             let data = data.or_else(|| loaded.config.data.clone());
             let (v, z) = tools::eval::alignment(&loaded, &store, data.as_deref(), views.clone(), batch, threads)?;
             let floor = if no_random {

@@ -17,9 +17,20 @@ pub struct ExtractArgs {
     /// Image folder: ImageNet layout (DATA/<class>/<image>) or a flat folder.
     #[arg(long)]
     data: PathBuf,
-    /// Store folder to create or resume.
+    /// Store folder to create or resume, or a bucket: s3://BUCKET/PREFIX,
+    /// gs://..., az://... (credentials and endpoint from AWS_*, GOOGLE_*,
+    /// AZURE_* variables; AWS_ENDPOINT_URL for S3-compatible servers). Each
+    /// shard is written to a local staging copy in --cache, uploaded and
+    /// checked, and only then marked complete in the bucket.
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    cache: super::CacheArgs,
+    /// With a bucket --out: minutes after which another worker's claim on a
+    /// shard is taken over (a claim of a dead process on this host is taken
+    /// at once).
+    #[arg(long, value_name = "MINUTES", default_value_t = remote_store::DEFAULT_CLAIM_TTL.as_secs() / 60)]
+    claim_ttl: u64,
     /// Built-in CLIP teacher (base16: ViT-B/16 at 224 px; large14: ViT-L/14
     /// at 196 px), looked up in --models; see target-extractor/scripts/export_clip.py.
     #[arg(long, value_name = "base16|large14", value_parser = parse_clip, conflicts_with = "teacher", required_unless_present = "teacher")]
@@ -199,7 +210,17 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
     }
     spec.device = device;
     let on_gpu = spec.device != TeacherDevice::Cpu;
-    let defaults = ExtractConfig::new(a.data.clone(), a.out.clone(), spec);
+    // a bucket: stage in the cache, publish each shard
+    let out_text = a.out.to_string_lossy().into_owned();
+    let (local_out, publish, _pin) = if remote_store::is_url(&out_text) {
+        let bucket = remote_store::Bucket::open(&out_text)?;
+        let (dir, pin) = a.cache.options(false).pin(&out_text)?;
+        let ttl = std::time::Duration::from_secs(a.claim_ttl.saturating_mul(60));
+        (dir, Some(remote_store::Publisher::new(bucket, ttl)), Some(pin))
+    } else {
+        (a.out.clone(), None, None)
+    };
+    let defaults = ExtractConfig::new(a.data.clone(), local_out, spec);
     let cfg = ExtractConfig {
         views: a.views,
         batch: a.batch,
@@ -217,6 +238,7 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
         embed_images: a.embed_images,
         dump_inputs: a.debug_dump_inputs.clone(),
         progress: super::progress(a.no_progress),
+        publish,
         ..defaults
     };
     let s = run_extract(&cfg).with_context(|| format!("extracting {} into {}", a.data.display(), a.out.display()))?;

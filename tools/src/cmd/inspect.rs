@@ -6,14 +6,17 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
+use remote_store::Need;
 
 #[derive(Subcommand)]
 pub enum InspectCommand {
     /// What a store holds: images, views, shards, bytes, teacher, view settings,
     /// dataset, skipped files. Reads the manifest and shard reports only.
     Summary {
-        /// Store folder.
+        /// Store folder, or a bucket URL (s3://, gs://, az://) read through --cache.
         store: PathBuf,
+        #[command(flatten)]
+        cache: super::CacheArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -22,8 +25,10 @@ pub enum InspectCommand {
     /// missing or duplicated, and that targets are finite. Exit code 1 on any
     /// problem.
     Verify {
-        /// Store folder.
+        /// Store folder, or a bucket URL (s3://, gs://, az://) read through --cache.
         store: PathBuf,
+        #[command(flatten)]
+        cache: super::CacheArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -31,7 +36,7 @@ pub enum InspectCommand {
     /// One image's view parameters and target statistics (token norms, mean
     /// cosine of neighbouring tokens, CLS-patch similarity).
     Show {
-        /// Store folder.
+        /// Store folder, or a bucket URL (s3://, gs://, az://) read through --cache.
         store: PathBuf,
         /// Image id or path relative to the dataset root.
         #[arg(long)]
@@ -39,6 +44,8 @@ pub enum InspectCommand {
         /// Only this view.
         #[arg(long)]
         view: Option<u32>,
+        #[command(flatten)]
+        cache: super::CacheArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -46,7 +53,7 @@ pub enum InspectCommand {
     /// A PNG sheet: each view as the teacher saw it next to a 3-component PCA
     /// colouring of its patch targets.
     Render {
-        /// Store folder.
+        /// Store folder, or a bucket URL (s3://, gs://, az://) read through --cache.
         store: PathBuf,
         /// Image id or path relative to the dataset root.
         #[arg(long)]
@@ -61,6 +68,8 @@ pub enum InspectCommand {
         /// Output PNG.
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        cache: super::CacheArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -75,6 +84,8 @@ pub enum InspectCommand {
         a: PathBuf,
         /// Second store.
         b: PathBuf,
+        #[command(flatten)]
+        cache: super::CacheArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -106,6 +117,8 @@ pub enum InspectCommand {
         drop_images: bool,
         #[command(flatten)]
         fit: super::FitArgs,
+        #[command(flatten)]
+        cache: super::CacheArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -115,7 +128,8 @@ pub enum InspectCommand {
 /// Run `caev2 inspect ...`.
 pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
     match cmd {
-        InspectCommand::Summary { store, json } => {
+        InspectCommand::Summary { store, cache, json } => {
+            let (store, _pin) = cache.local(&store, Need::Metadata, super::progress(json))?;
             let s = tools::inspect::summary(&store)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -124,7 +138,8 @@ pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        InspectCommand::Show { store, image, view, json } => {
+        InspectCommand::Show { store, image, view, cache, json } => {
+            let (store, _pin) = cache.local(&store, Need::Everything, super::progress(json))?;
             let s = tools::inspect::show(&store, &image, view)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -133,7 +148,8 @@ pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        InspectCommand::Render { store, image, view, data, out, json } => {
+        InspectCommand::Render { store, image, view, data, out, cache, json } => {
+            let (store, _pin) = cache.local(&store, Need::Everything, super::progress(json))?;
             let (w, h) = tools::inspect::render(&store, data.as_deref(), &image, view, &out)?;
             if json {
                 println!("{}", serde_json::json!({"out": out, "width": w, "height": h}));
@@ -142,7 +158,9 @@ pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        InspectCommand::Compare { a, b, json } => {
+        InspectCommand::Compare { a, b, cache, json } => {
+            let (a, _pin_a) = cache.local(&a, Need::Everything, super::progress(json))?;
+            let (b, _pin_b) = cache.local(&b, Need::Everything, super::progress(json))?;
             let c = tools::inspect::compare(&a, &b)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&c)?);
@@ -165,7 +183,8 @@ pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        InspectCommand::Recode { src, dst, codec, embed_images, drop_images, fit, json } => {
+        InspectCommand::Recode { src, dst, codec, embed_images, drop_images, fit, cache, json } => {
+            let (src, _pin) = cache.local(&src, Need::Everything, super::progress(json))?;
             let source = shard_store::Store::open(&src)?;
             let codec = codec.unwrap_or(source.manifest().codec);
             let images = match (embed_images, drop_images) {
@@ -202,7 +221,8 @@ pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        InspectCommand::Verify { store, json } => {
+        InspectCommand::Verify { store, cache, json } => {
+            let (store, _pin) = cache.local(&store, Need::Everything, super::progress(json))?;
             let r = tools::inspect::verify(&store, std::io::stderr().is_terminal() && !json)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);

@@ -61,3 +61,66 @@ pub fn progress(no_progress: bool) -> bool {
     use std::io::IsTerminal;
     !no_progress && std::io::stderr().is_terminal()
 }
+
+/// Where a store in a bucket (`s3://`, `gs://`, `az://`) is kept on this
+/// machine.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CacheArgs {
+    /// For a store given as a bucket URL: the local cache folder
+    /// [default: $CAEV2_CACHE, else $XDG_CACHE_HOME/caev2, else ~/.cache/caev2].
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<std::path::PathBuf>,
+    /// Most bytes of shard files and image packs the cache keeps over all
+    /// its stores, e.g. 800G or 20M; stores no process is reading are
+    /// evicted, least recently used first [default: no limit].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub cache_limit: Option<u64>,
+}
+
+impl CacheArgs {
+    /// The cache settings.
+    pub fn options(&self, progress: bool) -> remote_store::CacheOptions {
+        remote_store::CacheOptions {
+            dir: self.cache.clone().unwrap_or_else(remote_store::CacheOptions::default_dir),
+            limit: self.cache_limit,
+            progress,
+        }
+    }
+
+    /// The local folder of `store`: the path itself, or, for a bucket URL,
+    /// its copy in the cache with what `need` asks fetched and checked. The
+    /// returned guard keeps the copy from eviction; hold it while reading.
+    ///
+    /// # Errors
+    /// The bucket's errors, one line naming the object.
+    pub fn local(
+        &self,
+        store: &std::path::Path,
+        need: remote_store::Need,
+        progress: bool,
+    ) -> anyhow::Result<(std::path::PathBuf, Option<remote_store::CachedStore>)> {
+        let text = store.to_string_lossy();
+        if !remote_store::is_url(&text) {
+            return Ok((store.to_owned(), None));
+        }
+        let cached = remote_store::fetch(&text, &self.options(progress), need)?;
+        Ok((cached.path().to_owned(), Some(cached)))
+    }
+}
+
+/// Parse a size: bytes, or a number with K, M, G or T (powers of 1000).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1e3),
+        Some('M') => (&t[..t.len() - 1], 1e6),
+        Some('G') => (&t[..t.len() - 1], 1e9),
+        Some('T') => (&t[..t.len() - 1], 1e12),
+        _ => (t, 1.0),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| format!("{s:?}: expected a size such as 500G, 20M or 1000000"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("{s:?}: the size must be positive"));
+    }
+    Ok((v * mult) as u64)
+}

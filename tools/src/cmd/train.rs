@@ -12,9 +12,13 @@ use trainer::{Budget, PAPER_EPOCHS, TrainConfig};
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Target store made by `caev2 extract`.
+    /// Target store made by `caev2 extract`: a folder, or a bucket URL
+    /// (s3://, gs://, az://) whose store is fetched into --cache and checked
+    /// before training starts.
     #[arg(long)]
     shards: PathBuf,
+    #[command(flatten)]
+    cache: super::CacheArgs,
     /// The image folder the store was extracted from; not needed for a
     /// store that carries its images (`extract --embed-images`).
     #[arg(long)]
@@ -170,7 +174,9 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         Some(s) => Budget::Steps(s),
         None => Budget::Epochs(a.epochs.unwrap_or(PAPER_EPOCHS)),
     };
-    let mut cfg = TrainConfig::paper(&a.shards, a.data.as_deref(), a.model, a.batch, budget, a.train_views)?;
+    // a bucket: its local copy, held (never evicted) until training ends
+    let (shards, _pin) = a.cache.local(&a.shards, remote_store::Need::Everything, super::progress(a.no_progress))?;
+    let mut cfg = TrainConfig::paper(&shards, a.data.as_deref(), a.model, a.batch, budget, a.train_views)?;
     if let Some(d) = a.regressor_depth {
         cfg.model.regressor_depth = d;
     }

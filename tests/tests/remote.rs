@@ -1,0 +1,356 @@
+//! Stores in object storage, against a real S3-compatible server (`s3s-fs`,
+//! built by scripts/setup.sh) on 127.0.0.1: two workers on separate
+//! "machines" (separate caches, no shared folder) fill one bucket with the
+//! local store's bytes; a worker killed while it uploads leaves no shard
+//! visible that is not whole, and its rerun finishes; training from the
+//! bucket through the cache gives the local store's losses; a corrupted
+//! object is found; the cache's size limit evicts only what no one reads;
+//! bad URLs, missing buckets and wrong keys are one line naming the object.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use caev2_tests::*;
+
+const KEY: &str = "caev2-test-key";
+const SECRET: &str = "caev2-test-secret";
+
+/// An `s3s-fs` server on a free port of 127.0.0.1, serving `root` (each
+/// folder a bucket, each object a file); killed when dropped.
+struct S3Server {
+    child: Child,
+    port: u16,
+    root: PathBuf,
+}
+
+impl S3Server {
+    fn start(root: &Path) -> Self {
+        let bin = std::env::var_os("CAEV2_S3_SERVER").map(PathBuf::from).unwrap_or_else(|| dep("s3s-fs/bin/s3s-fs"));
+        std::fs::create_dir_all(root).expect("server root");
+        let port = TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
+        let child = Command::new(bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", KEY, "--secret-key", SECRET])
+            .arg(root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start s3s-fs");
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(20), "s3s-fs did not start listening on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, port, root: root.to_owned() }
+    }
+
+    fn bucket(&self, name: &str) -> PathBuf {
+        let b = self.root.join(name);
+        std::fs::create_dir_all(&b).expect("bucket");
+        b
+    }
+
+    /// `caev2 ARGS` with this server as the S3 endpoint.
+    fn command<A: AsRef<std::ffi::OsStr>>(&self, args: &[A]) -> Command {
+        let mut c = Command::new(caev2());
+        c.args(args)
+            .env("AWS_ACCESS_KEY_ID", KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", self.port))
+            .env("AWS_ALLOW_HTTP", "true");
+        c
+    }
+
+    fn run<A: AsRef<std::ffi::OsStr>>(&self, args: &[A]) -> Output {
+        self.command(args).output().expect("spawn caev2")
+    }
+
+    fn run_ok<A: AsRef<std::ffi::OsStr>>(&self, args: &[A]) -> String {
+        let o = self.run(args);
+        let args: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
+        assert!(
+            o.status.success(),
+            "caev2 {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const EXTRACT: [&str; 7] = ["--views", "2", "--student-size", "112", "--images-per-shard", "4", "--embed-images"];
+
+/// `extract` of the tiny teacher into `out` (a bucket URL), staged in `cache`.
+fn extract_args<'a>(data: &'a Path, out: &'a str, cache: &'a Path) -> Vec<String> {
+    let mut a = vec![
+        "extract",
+        "--teacher",
+        s(TEACHER.get_or_init(tiny_vit)),
+        "--data",
+        s(data),
+        "--out",
+        out,
+        "--cache",
+        s(cache),
+        "--no-progress",
+        "--json",
+    ];
+    a.extend(EXTRACT);
+    a.into_iter().map(str::to_owned).collect()
+}
+
+static TEACHER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+fn train_args<'a>(store: &'a str, out: &'a Path, cache: &'a Path) -> Vec<&'a str> {
+    let mut a = vec!["train", "--shards", store, "--cache", s(cache), "--out", s(out), "--batch", "4", "--steps", "6", "--lr", "5e-4"];
+    a.extend(["--warmup-steps", "2", "--threads", "1", "--device", "cpu", "--no-progress"]);
+    a
+}
+
+fn failed(o: &Output) -> String {
+    assert!(!o.status.success(), "should fail: {}", String::from_utf8_lossy(&o.stdout));
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(e.trim_end().lines().count(), 1, "one line: {e}");
+    e
+}
+
+fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out).expect("json")
+}
+
+#[test]
+fn two_workers_fill_a_bucket_with_the_local_bytes_and_training_from_it_matches() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    imagenet_dataset(&data, 20);
+    let local = tmp.path().join("local");
+    extract_tiny(&data, &local, &EXTRACT);
+
+    let server = S3Server::start(&tmp.path().join("s3"));
+    let bucket = server.bucket("caev2");
+    let url = "s3://caev2/stores/tiny";
+    // two machines: each its own staging cache, no folder in common; they
+    // divide the shards by claims in the bucket
+    let (cache_a, cache_b) = (tmp.path().join("machine-a"), tmp.path().join("machine-b"));
+    let workers: Vec<Child> = [&cache_a, &cache_b]
+        .iter()
+        .map(|c| server.command(&extract_args(&data, url, c)).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn"))
+        .collect();
+    let mut written = 0;
+    for w in workers {
+        let o = w.wait_with_output().expect("wait");
+        assert!(o.status.success(), "worker failed: {}", String::from_utf8_lossy(&o.stderr));
+        written += json(&String::from_utf8_lossy(&o.stdout))["shards_written"].as_u64().expect("shards_written");
+    }
+    // each shard written once, or rarely twice: s3s-fs checks a conditional
+    // write's condition and then writes, so two claims made at the same
+    // instant can both succeed (S3 itself is atomic); twice is harmless,
+    // the bytes are the same
+    assert!((5..10).contains(&written), "{written} shard writes between the two workers: the claims did not divide the work");
+    let in_bucket = bucket.join("stores/tiny");
+    assert_eq!(store_contents(&in_bucket), store_contents(&local), "the bucket's store differs from the local one");
+    assert!(!in_bucket.join("claims").exists() || std::fs::read_dir(in_bucket.join("claims")).expect("ls").count() == 0, "claims left");
+    let again = json(&server.run_ok(&extract_args(&data, url, &cache_a)));
+    assert_eq!((again["shards_written"].as_u64(), again["shards_already_done"].as_u64()), (Some(0), Some(5)));
+    assert_eq!(again["store_complete"], true);
+
+    // read through a third machine's cache: verify, and train without --data
+    let cache_c = tmp.path().join("machine-c");
+    let verify = server.run_ok(&["inspect", "verify", url, "--cache", s(&cache_c)]);
+    assert!(verify.contains("store is intact"), "{verify}");
+    let (from_bucket, from_local) = (tmp.path().join("run-bucket"), tmp.path().join("run-local"));
+    server.run_ok(&train_args(url, &from_bucket, &cache_c));
+    server.run_ok(&train_args(s(&local), &from_local, &cache_c));
+    let (a, b) = (losses(&from_bucket), losses(&from_local));
+    assert_eq!(a.len(), 6);
+    assert_eq!(a, b, "training from the bucket differs from training from the local store");
+
+    // a cached copy cut short (a partial download, a full disk) is fetched again
+    let cached = cache_c.join("stores/s3/caev2/stores/tiny");
+    let shard = cached.join("shards/shard-00003.bin");
+    let len = std::fs::metadata(&shard).expect("cached shard").len();
+    std::fs::OpenOptions::new().write(true).open(&shard).expect("open").set_len(len / 2).expect("truncate");
+    let verify = server.run_ok(&["inspect", "verify", url, "--cache", s(&cache_c)]);
+    assert!(verify.contains("store is intact"), "{verify}");
+    assert_eq!(std::fs::metadata(&shard).expect("refetched").len(), len);
+}
+
+#[test]
+fn a_worker_killed_while_it_uploads_leaves_only_whole_shards_and_its_rerun_finishes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    imagenet_dataset(&data, 20);
+    let local = tmp.path().join("local");
+    extract_tiny(&data, &local, &EXTRACT);
+    let server = S3Server::start(&tmp.path().join("s3"));
+    let bucket = server.bucket("caev2");
+    let url = "s3://caev2/killed";
+    let in_bucket = bucket.join("killed");
+    let cache = tmp.path().join("cache");
+
+    // SIGKILL the worker as soon as its second shard file is in the bucket:
+    // between that upload and the shard's report, or just after
+    let mut w = server.command(&extract_args(&data, url, &cache)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
+    let target = in_bucket.join("shards/shard-00001.bin");
+    let t = Instant::now();
+    while !target.exists() {
+        assert!(t.elapsed() < Duration::from_secs(120), "the worker never uploaded shard 1");
+        assert!(w.try_wait().expect("poll").is_none(), "the worker ended before it was killed");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    w.kill().expect("kill");
+    w.wait().expect("reap");
+    let done: Vec<String> = std::fs::read_dir(in_bucket.join("done"))
+        .map_or(Vec::new(), |d| d.map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect());
+    assert!(done.len() < 5, "the worker was killed before it finished: {done:?}");
+    // every shard the bucket calls complete is whole (a reader sees nothing else)
+    let local_files = store_contents(&local);
+    for name in &done {
+        for sub in ["done", "index", "images", "shards"] {
+            let rel = format!(
+                "{sub}/{}",
+                name.replace(
+                    ".json",
+                    if sub == "index" {
+                        ".parquet"
+                    } else if sub == "done" {
+                        ".json"
+                    } else {
+                        ".bin"
+                    }
+                )
+            );
+            let want = &local_files.iter().find(|(n, _)| *n == rel).expect("in the local store").1;
+            assert_eq!(&std::fs::read(in_bucket.join(&rel)).expect("complete shard's file"), want, "{rel}");
+        }
+    }
+    let o = server.run(&[
+        "train",
+        "--shards",
+        url,
+        "--cache",
+        s(&tmp.path().join("reader")),
+        "--out",
+        s(&tmp.path().join("run")),
+        "--steps",
+        "1",
+    ]);
+    assert!(failed(&o).contains("not complete"), "training refuses a store the bucket does not call complete");
+
+    // the rerun takes the dead worker's claim over at once and finishes the store
+    let out = json(&server.run_ok(&extract_args(&data, url, &cache)));
+    assert_eq!(out["store_complete"], true, "{out}");
+    assert_eq!(store_contents(&in_bucket), store_contents(&local));
+}
+
+#[test]
+fn a_corrupted_object_is_found_and_named() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    imagenet_dataset(&data, 8);
+    let server = S3Server::start(&tmp.path().join("s3"));
+    let bucket = server.bucket("caev2");
+    let url = "s3://caev2/store";
+    server.run_ok(&extract_args(&data, url, &tmp.path().join("stage")));
+    // bit rot in the bucket, behind the server's back
+    for (file, what) in [("shards/shard-00001.bin", "record"), ("images/shard-00000.bin", "CRC-32C")] {
+        let p = bucket.join("store").join(file);
+        let mut b = std::fs::read(&p).expect("object");
+        let at = b.len() / 2;
+        b[at] ^= 0x40;
+        std::fs::write(&p, &b).expect("corrupt");
+        let o = server.run(&["inspect", "verify", url, "--cache", s(&tmp.path().join(format!("reader-{}", file.replace('/', "-"))))]);
+        let e = failed(&o);
+        assert!(e.contains(&format!("{url}/{file}")) && e.contains(what) && e.contains("3 downloads"), "{e}");
+        b[at] ^= 0x40;
+        std::fs::write(&p, &b).expect("repair");
+    }
+}
+
+#[test]
+fn the_cache_limit_evicts_only_stores_no_one_reads() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    imagenet_dataset(&data, 8);
+    let server = S3Server::start(&tmp.path().join("s3"));
+    server.bucket("caev2");
+    for name in ["a", "b"] {
+        let url = format!("s3://caev2/{name}");
+        server.run_ok(&extract_args(&data, &url, &tmp.path().join("stage")));
+    }
+    let cache = tmp.path().join("cache");
+    let copy = |name: &str| cache.join("stores/s3/caev2").join(name);
+    let bulk = |name: &str| -> u64 {
+        ["shards", "images"]
+            .iter()
+            .flat_map(|d| std::fs::read_dir(copy(name).join(d)).into_iter().flatten())
+            .map(|e| e.expect("entry").metadata().expect("meta").len())
+            .sum()
+    };
+    server.run_ok(&["inspect", "verify", "s3://caev2/a", "--cache", s(&cache)]);
+    let one = bulk("a");
+    assert!(one > 0);
+    let limit = format!("{}", one + one / 2); // one store fits, two do not
+    // too small for the store itself: refused before anything is fetched
+    let e = failed(&server.run(&["inspect", "verify", "s3://caev2/b", "--cache", s(&cache), "--cache-limit", "1000"]));
+    assert!(e.contains("more than --cache-limit"), "{e}");
+    assert_eq!(bulk("b"), 0);
+    // b fits once a, which no one reads, is evicted
+    server.run_ok(&["inspect", "verify", "s3://caev2/b", "--cache", s(&cache), "--cache-limit", &limit]);
+    assert_eq!((bulk("a"), bulk("b")), (0, one));
+    // while a training reads b, a cannot take its place
+    let mut reader = server
+        .command(&["train", "--shards", "s3://caev2/b", "--cache", s(&cache), "--out", s(&tmp.path().join("run")), "--steps", "400"])
+        .args(["--batch", "2", "--lr", "5e-4", "--threads", "1", "--device", "cpu", "--no-progress"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let metrics = tmp.path().join("run/metrics.jsonl");
+    let t = Instant::now();
+    while !metrics.exists() {
+        assert!(t.elapsed() < Duration::from_secs(120), "the training did not start");
+        if let Some(status) = reader.try_wait().expect("poll") {
+            let mut err = String::new();
+            std::io::Read::read_to_string(reader.stderr.as_mut().expect("stderr"), &mut err).expect("read");
+            panic!("the training ended ({status}): {err}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let e = failed(&server.run(&["inspect", "verify", "s3://caev2/a", "--cache", s(&cache), "--cache-limit", &limit]));
+    assert!(e.contains("end the other runs"), "{e}");
+    assert_eq!(bulk("b"), one, "a store being read was evicted");
+    reader.kill().expect("kill");
+    reader.wait().expect("reap");
+}
+
+#[test]
+fn bad_urls_missing_buckets_and_wrong_keys_are_one_line_naming_the_object() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = S3Server::start(&tmp.path().join("s3"));
+    server.bucket("caev2");
+    let cache = tmp.path().join("cache");
+    let e = failed(&server.run(&["inspect", "summary", "s3://no-such-bucket/x", "--cache", s(&cache)]));
+    assert!(e.contains("s3://no-such-bucket/x: list failed") && e.contains("NoSuchBucket"), "{e}");
+    let e = failed(&server.run(&["inspect", "summary", "s3://caev2/nothing-here", "--cache", s(&cache)]));
+    assert!(e.contains("s3://caev2/nothing-here/manifest.json") && e.contains("no store here"), "{e}");
+    let e = failed(
+        &server
+            .command(&["inspect", "summary", "s3://caev2/x", "--cache", s(&cache)])
+            .env("AWS_SECRET_ACCESS_KEY", "wrong")
+            .output()
+            .expect("spawn"),
+    );
+    assert!(e.contains("s3://caev2/x/manifest.json"), "{e}");
+    let e = failed(&server.run(&["inspect", "summary", "gopher://caev2/x", "--cache", s(&cache)]));
+    assert!(e.contains("gopher:// is not supported"), "{e}");
+}
