@@ -57,6 +57,16 @@ impl Bucket {
     /// [`RemoteError::BadUrl`] for another scheme, a URL without a bucket
     /// or a client that cannot be configured.
     pub fn open(url: &str) -> Result<Self> {
+        Self::open_with(url, &[])
+    }
+
+    /// [`Bucket::open`] with settings on top of the environment's, as
+    /// `object_store` names them (`aws_endpoint`, `aws_access_key_id`,
+    /// `google_service_account`, `azure_storage_account_name`, ...).
+    ///
+    /// # Errors
+    /// As [`Bucket::open`], and an unknown setting.
+    pub fn open_with(url: &str, settings: &[(&str, &str)]) -> Result<Self> {
         let bad = |why: String| RemoteError::BadUrl { url: url.to_owned(), why };
         let parsed = url::Url::parse(url).map_err(|e| bad(format!("not a URL ({e})")))?;
         let bucket = parsed.host_str().unwrap_or_default();
@@ -67,15 +77,28 @@ impl Bucket {
         let client = |e: object_store::Error| bad(format!("cannot configure the client: {e}"));
         // transient failures are retried, but an unreachable endpoint fails within a minute
         let retry = object_store::RetryConfig { max_retries: 4, retry_timeout: std::time::Duration::from_secs(60), ..Default::default() };
+        let unknown = |k: &str| bad(format!("unknown object store setting {k:?}"));
         let store: Arc<dyn ObjectStore> = match parsed.scheme() {
             "s3" | "s3a" => {
-                Arc::new(object_store::aws::AmazonS3Builder::from_env().with_url(url).with_retry(retry).build().map_err(client)?)
+                let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(url).with_retry(retry);
+                for (k, v) in settings {
+                    b = b.with_config(k.parse().map_err(|_| unknown(k))?, *v);
+                }
+                Arc::new(b.build().map_err(client)?)
             }
             "gs" => {
-                Arc::new(object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url).with_retry(retry).build().map_err(client)?)
+                let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url).with_retry(retry);
+                for (k, v) in settings {
+                    b = b.with_config(k.parse().map_err(|_| unknown(k))?, *v);
+                }
+                Arc::new(b.build().map_err(client)?)
             }
             "az" | "abfs" | "abfss" => {
-                Arc::new(object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url).with_retry(retry).build().map_err(client)?)
+                let mut b = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url).with_retry(retry);
+                for (k, v) in settings {
+                    b = b.with_config(k.parse().map_err(|_| unknown(k))?, *v);
+                }
+                Arc::new(b.build().map_err(client)?)
             }
             other => return Err(bad(format!("scheme {other}:// is not supported (s3://, gs:// or az://)"))),
         };

@@ -354,3 +354,38 @@ fn bad_urls_missing_buckets_and_wrong_keys_are_one_line_naming_the_object() {
     let e = failed(&server.run(&["inspect", "summary", "gopher://caev2/x", "--cache", s(&cache)]));
     assert!(e.contains("gopher:// is not supported"), "{e}");
 }
+
+#[test]
+fn a_large_file_goes_up_in_checked_parts() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = S3Server::start(&tmp.path().join("s3"));
+    let bucket_dir = server.bucket("caev2");
+    let endpoint = format!("http://127.0.0.1:{}", server.port);
+    let settings = [
+        ("aws_access_key_id", KEY),
+        ("aws_secret_access_key", SECRET),
+        ("aws_region", "us-east-1"),
+        ("aws_endpoint", endpoint.as_str()),
+        ("aws_allow_http", "true"),
+    ];
+    let bucket = remote_store::Bucket::open_with("s3://caev2/big", &settings).expect("client");
+    // three parts: two of PART_SIZE and a short one
+    let len = 2 * remote_store::PART_SIZE + 12_345;
+    assert!(len as u64 > remote_store::MULTIPART_THRESHOLD);
+    let mut x = 0x9E37_79B9_7F4A_7C15_u64;
+    let bytes: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let src = tmp.path().join("big.bin");
+    std::fs::write(&src, &bytes).expect("write");
+    // the server's tag (MD5 of the parts' MD5s, -3) is checked against the local bytes
+    assert_eq!(bucket.upload_checked(&src, "shards/shard-00000.bin").expect("upload"), len as u64);
+    assert_eq!(std::fs::read(bucket_dir.join("big/shards/shard-00000.bin")).expect("stored"), bytes);
+    let meta = bucket.head("shards/shard-00000.bin").expect("head").expect("exists");
+    assert!(meta.e_tag.as_deref().is_some_and(|t| t.trim_matches('"').ends_with("-3")), "{:?}", meta.e_tag);
+}
