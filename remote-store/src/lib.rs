@@ -25,4 +25,4 @@ mod publish;
 pub use bucket::{Bucket, MULTIPART_THRESHOLD, PART_SIZE, Written, is_url};
 pub use cache::{CacheOptions, CachedStore, Need, Pin, fetch};
 pub use error::{RemoteError, Result};
-pub use publish::{DEFAULT_CLAIM_TTL, Publisher, names};
+pub use publish::{DEFAULT_CLAIM_TTL, Publisher, Uploaded, names, upload_store};

@@ -146,17 +146,21 @@ impl Publisher {
         })?;
         let remote = parse_manifest(&self.bucket, &theirs)?;
         if remote.store_id != manifest.store_id {
-            if let Some(fit) = &manifest.codec_fit {
+            if let Some(fit) = &manifest.codec_fit
+                && remote.codec_fit.as_ref().is_none_or(|f| f.file != fit.file)
+            {
                 let _ = self.bucket.delete(&fit.file);
             }
+            let field = remote
+                .first_difference(manifest)
+                .map(|(f, there, here)| format!("{f} is {there} there, {here} here"))
+                .unwrap_or_else(|| "its fitted codec model differs".into());
             return Err(RemoteError::Conflict {
                 object: self.bucket.object_url(names::MANIFEST),
                 what: format!(
-                    "another worker created store {} at the same time as this one's {} (a codec fit raced); \
-                     delete {} and rerun this worker: it will add to the bucket's store",
-                    remote.store_id,
-                    manifest.store_id,
-                    local.display()
+                    "holds another store ({} against this one's {}: {field}); use another prefix \
+                     (two extractions that started one store at once with --codec pca: rerun this one with an empty --cache, it adds to the bucket's)",
+                    remote.store_id, manifest.store_id
                 ),
             });
         }
@@ -268,6 +272,42 @@ impl Publisher {
         self.bucket.delete(&names::claim(s))?;
         Ok(total)
     }
+}
+
+/// What [`upload_store`] did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Uploaded {
+    /// Shards uploaded now.
+    pub shards_uploaded: u32,
+    /// Shards the bucket already had complete.
+    pub shards_already_there: u32,
+    /// Bytes uploaded.
+    pub bytes: u64,
+}
+
+/// Publish a complete local store to `publisher`'s bucket: its manifest
+/// (create-only: a bucket holding another store is refused), then every
+/// shard the bucket lacks, each checked before its report is written.
+/// Killed, it resumes: rerun it and it uploads only what is not complete.
+///
+/// # Errors
+/// An incomplete local store, requests, [`RemoteError::Conflict`].
+pub fn upload_store(publisher: &Publisher, store: &shard_store::Store, mut on_shard: impl FnMut(u32)) -> Result<Uploaded> {
+    let m = store.manifest();
+    let root = store.paths().root();
+    publisher.push_manifest(root, m)?;
+    let there: std::collections::BTreeSet<u32> = publisher.done_shards()?.into_iter().collect();
+    let mut r = Uploaded::default();
+    for s in 0..m.layout.num_shards {
+        if there.contains(&s) {
+            r.shards_already_there += 1;
+        } else {
+            r.bytes += publisher.publish(store.paths(), m, s)?;
+            r.shards_uploaded += 1;
+        }
+        on_shard(s);
+    }
+    Ok(r)
 }
 
 /// The shard number in a name like `done/shard-00012.json`.

@@ -163,6 +163,22 @@ fn two_workers_fill_a_bucket_with_the_local_bytes_and_training_from_it_matches()
     assert_eq!((again["shards_written"].as_u64(), again["shards_already_done"].as_u64()), (Some(0), Some(5)));
     assert_eq!(again["store_complete"], true);
 
+    // an existing store folder uploaded: the same objects
+    server.run_ok(&["inspect", "upload", s(&local), "s3://caev2/uploaded"]);
+    assert_eq!(store_contents(&bucket.join("uploaded")), store_contents(&local));
+    let again = server.run_ok(&["inspect", "upload", s(&local), "s3://caev2/uploaded", "--json"]);
+    assert_eq!(json(&again)["uploaded"]["shards_already_there"], 5);
+    // a prefix holding another store (here: the same views without their images) is refused
+    let plain = tmp.path().join("plain");
+    extract_tiny(&data, &plain, &EXTRACT[..6]);
+    let e = failed(&server.run(&["inspect", "upload", s(&plain), "s3://caev2/uploaded"]));
+    assert!(
+        e.contains("s3://caev2/uploaded/manifest.json")
+            && e.contains("holds another store")
+            && e.contains("format_version is 2 there, 1 here"),
+        "{e}"
+    );
+
     // read through a third machine's cache: verify, and train without --data
     let cache_c = tmp.path().join("machine-c");
     let verify = server.run_ok(&["inspect", "verify", url, "--cache", s(&cache_c)]);

@@ -1,4 +1,4 @@
-//! `caev2 inspect summary | verify | show | render | compare | recode`.
+//! `caev2 inspect summary | verify | show | render | compare | recode | upload`.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -86,6 +86,18 @@ pub enum InspectCommand {
         b: PathBuf,
         #[command(flatten)]
         cache: super::CacheArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy a complete store folder into a bucket (s3://, gs://, az://):
+    /// each shard uploaded and checked before its report is written, so the
+    /// bucket only ever shows whole shards. Rerun after a kill to finish.
+    Upload {
+        /// Source store folder (complete).
+        src: PathBuf,
+        /// Destination: SCHEME://BUCKET/PREFIX (empty, or holding this store).
+        url: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -217,6 +229,32 @@ pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
                     r.views as f64 / secs.max(1e-9),
                     r.bytes as f64 / 1e6,
                     r.shards_already_done
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        InspectCommand::Upload { src, url, json } => {
+            let store = shard_store::Store::open(&src)?;
+            let bucket = remote_store::Bucket::open(&url)?;
+            let publisher = remote_store::Publisher::new(bucket, remote_store::DEFAULT_CLAIM_TTL);
+            let bar = indicatif::ProgressBar::new(u64::from(store.manifest().layout.num_shards));
+            if !super::progress(json) {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            let t = std::time::Instant::now();
+            let r = remote_store::upload_store(&publisher, &store, |_| bar.inc(1))
+                .with_context(|| format!("uploading {} to {url}", src.display()))?;
+            bar.finish_and_clear();
+            let secs = t.elapsed().as_secs_f64();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"uploaded": r, "seconds": secs}))?);
+            } else {
+                println!(
+                    "upload: {} shards ({:.1} MB) uploaded and checked in {:.1} s; {} were already complete in {url}",
+                    r.shards_uploaded,
+                    r.bytes as f64 / 1e6,
+                    secs,
+                    r.shards_already_there
                 );
             }
             Ok(ExitCode::SUCCESS)
