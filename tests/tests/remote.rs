@@ -127,16 +127,22 @@ fn json(out: &str) -> serde_json::Value {
     serde_json::from_str(out).expect("json")
 }
 
-#[test]
-fn two_workers_fill_a_bucket_with_the_local_bytes_and_training_from_it_matches() {
+/// 20 photos, the store extracted from them into a local folder (the
+/// reference), and a server with the bucket `caev2` (its folder).
+fn with_reference_store() -> (tempfile::TempDir, PathBuf, PathBuf, S3Server, PathBuf) {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = tmp.path().join("data");
     imagenet_dataset(&data, 20);
     let local = tmp.path().join("local");
     extract_tiny(&data, &local, &EXTRACT);
-
     let server = S3Server::start(&tmp.path().join("s3"));
     let bucket = server.bucket("caev2");
+    (tmp, data, local, server, bucket)
+}
+
+#[test]
+fn two_workers_fill_a_bucket_with_the_local_bytes_and_training_from_it_matches() {
+    let (tmp, data, local, server, bucket) = with_reference_store();
     let url = "s3://caev2/stores/tiny";
     // two machines: each its own staging cache, no folder in common; they
     // divide the shards by claims in the bucket
@@ -202,13 +208,7 @@ fn two_workers_fill_a_bucket_with_the_local_bytes_and_training_from_it_matches()
 
 #[test]
 fn a_worker_killed_while_it_uploads_leaves_only_whole_shards_and_its_rerun_finishes() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let data = tmp.path().join("data");
-    imagenet_dataset(&data, 20);
-    let local = tmp.path().join("local");
-    extract_tiny(&data, &local, &EXTRACT);
-    let server = S3Server::start(&tmp.path().join("s3"));
-    let bucket = server.bucket("caev2");
+    let (tmp, data, local, server, bucket) = with_reference_store();
     let url = "s3://caev2/killed";
     let in_bucket = bucket.join("killed");
     let cache = tmp.path().join("cache");

@@ -207,11 +207,7 @@ pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
                 (None, true) => shard_store::RecodeImages::Drop,
                 (None, false) => shard_store::RecodeImages::Keep,
             };
-            let total = source.manifest().layout.num_shards;
-            let bar = indicatif::ProgressBar::new(u64::from(total));
-            if !super::progress(json) {
-                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-            }
+            let bar = shard_bar(source.manifest(), json);
             let t = std::time::Instant::now();
             let r = shard_store::recode(&source, &dst, codec, fit.fit(), &images, |_| bar.inc(1))
                 .with_context(|| format!("recoding {} into {}", src.display(), dst.display()))?;
@@ -237,10 +233,7 @@ pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
             let store = shard_store::Store::open(&src)?;
             let bucket = remote_store::Bucket::open(&url)?;
             let publisher = remote_store::Publisher::new(bucket, remote_store::DEFAULT_CLAIM_TTL);
-            let bar = indicatif::ProgressBar::new(u64::from(store.manifest().layout.num_shards));
-            if !super::progress(json) {
-                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-            }
+            let bar = shard_bar(store.manifest(), json);
             let t = std::time::Instant::now();
             let r = remote_store::upload_store(&publisher, &store, |_| bar.inc(1))
                 .with_context(|| format!("uploading {} to {url}", src.display()))?;
@@ -284,4 +277,13 @@ pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
             Ok(if r.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
     }
+}
+
+/// A progress bar over a store's shards, drawn only on a terminal and not with --json.
+fn shard_bar(m: &shard_store::Manifest, json: bool) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(u64::from(m.layout.num_shards));
+    if !super::progress(json) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar
 }
