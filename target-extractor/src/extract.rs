@@ -91,6 +91,10 @@ pub const TEACHER_SIZES: std::ops::RangeInclusive<u32> = 1..=2048;
 /// Largest shard file a run may plan (images per shard x views x record).
 pub const MAX_SHARD_BYTES: u64 = 64_000_000_000;
 
+/// Committed shards waiting for their upload to a bucket before the writer
+/// waits too (each is on local disk meanwhile).
+const UPLOADS_QUEUED: usize = 2;
+
 /// Default `--views` (K), as in the paper's offline setting.
 pub const DEFAULT_VIEWS: u32 = 10;
 /// Default teacher batch.
@@ -379,7 +383,14 @@ struct Written {
 
 /// Stage 3: put each view's targets in its slot (refusing non-finite
 /// values), and commit a shard (index, shard file, report) at its end.
-fn write_stage(rx: Receiver<Msg<'_>>, cfg: &ExtractConfig, manifest: &Manifest, ds: &Dataset, bar: &ProgressBar) -> Result<Written> {
+fn write_stage(
+    rx: Receiver<Msg<'_>>,
+    cfg: &ExtractConfig,
+    manifest: &Manifest,
+    ds: &Dataset,
+    bar: &ProgressBar,
+    to_upload: Option<Sender<u32>>,
+) -> Result<Written> {
     let mut done = Written::default();
     let values = manifest.values_per_view();
     let mut current: Option<OpenShard<'_>> = None;
@@ -449,8 +460,10 @@ fn write_stage(rx: Receiver<Msg<'_>>, cfg: &ExtractConfig, manifest: &Manifest, 
                     let report = ShardReport::new(open.claim.shard(), range, open.rows.len() as u64, open.skipped);
                     let shard = open.claim.shard();
                     let r = open.claim.commit(open.writer, open.pack, &open.rows, report)?;
-                    if let Some(p) = &cfg.publish {
-                        p.publish(&StorePaths::new(&cfg.out), manifest, shard)?;
+                    if let Some(tx) = &to_upload
+                        && tx.send(shard).is_err()
+                    {
+                        return Ok(done); // the uploader stopped: its error explains why
                     }
                     done.shards += 1;
                     done.views += r.views_stored;
@@ -640,13 +653,34 @@ pub fn run_extract(cfg: &ExtractConfig) -> Result<ExtractSummary> {
 
         let infer = scope.spawn(|| infer_stage(from_producer, to_writer, &mut teacher, cfg.batch, per_view));
 
-        let writer = scope.spawn(|| write_stage(from_infer, cfg, &manifest, &ds, &bar));
+        // With a bucket, committed shards are uploaded behind the pipeline,
+        // at most UPLOADS_QUEUED waiting, so the teacher does not wait on the network.
+        let (to_upload, uploads) = match &cfg.publish {
+            Some(_) => {
+                let (tx, rx) = bounded::<u32>(UPLOADS_QUEUED);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        let uploader = scope.spawn(|| -> Result<()> {
+            if let (Some(p), Some(rx)) = (&cfg.publish, uploads) {
+                let paths = StorePaths::new(&cfg.out);
+                for shard in rx {
+                    p.publish(&paths, &manifest, shard)?;
+                }
+            }
+            Ok(())
+        });
+
+        let writer = scope.spawn(|| write_stage(from_infer, cfg, &manifest, &ds, &bar, to_upload));
 
         let died = |stage| ExtractError::Thread { stage, what: "panicked".into() };
         let w = writer.join().map_err(|_| died("writer"))?;
+        let u = uploader.join().map_err(|_| died("upload"))?;
         let i = infer.join().map_err(|_| died("inference"))?;
         let p = producer.join().map_err(|_| died("decode"))?;
         // The first stage to fail explains the others' early stops.
+        u?;
         let written = w?;
         i?;
         summary.shards_busy = p?;

@@ -499,3 +499,35 @@ fn a_store_in_azure_blob_storage_is_the_local_store_and_trains_the_same() {
     let e = failed(&o);
     assert!(e.contains("az://no-such-container/x: list failed"), "{e}");
 }
+
+#[test]
+fn losing_the_server_mid_extraction_stops_it_with_one_line_naming_the_object() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    imagenet_dataset(&data, 20);
+    let mut server = S3Server::start(&tmp.path().join("s3"));
+    let bucket = server.bucket("caev2");
+    let mut args = extract_args(&data, "s3://caev2/lost", &tmp.path().join("stage"));
+    let at = args.iter().position(|a| a == "--images-per-shard").expect("flag");
+    args[at + 1] = "1".into(); // 20 shards, uploaded behind the pipeline
+    let mut w = server.command(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let first = bucket.join("lost/done/shard-00000.json");
+    let t = Instant::now();
+    while !first.exists() {
+        assert!(t.elapsed() < Duration::from_secs(120), "no shard was published");
+        assert!(w.try_wait().expect("poll").is_none(), "extract ended before the server went away");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+    let t = Instant::now();
+    let o = loop {
+        if w.try_wait().expect("poll").is_some() {
+            break w.wait_with_output().expect("output");
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "extract did not stop after the server went away");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let e = failed(&o);
+    assert!(e.contains("s3://caev2/lost/") && e.contains("failed"), "{e}");
+}
