@@ -140,9 +140,12 @@ pub enum InspectCommand {
 /// Run `caev2 inspect ...`.
 pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
     match cmd {
-        InspectCommand::Summary { store, cache, json } => {
-            let (store, _pin) = cache.local(&store, Need::Metadata, super::progress(json))?;
-            let s = tools::inspect::summary(&store)?;
+        InspectCommand::Summary { store: given, cache, json } => {
+            let (store, pin) = cache.local(&given, Need::Metadata, super::progress(json))?;
+            let mut s = tools::inspect::summary(&store)?;
+            if pin.is_some() {
+                s.store = format!("{} (cached in {})", given.display(), store.display());
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
