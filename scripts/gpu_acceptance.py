@@ -326,7 +326,11 @@ def run(a):
         r.step("2 ranks sharing the device over Gloo", lambda: group("dp-pair", 2, "auto"))
 
     # the teacher on the GPU: only with ONNX Runtime's CUDA provider
-    ort_gpu = os.environ.get("ORT_GPU_LIB") or python_out(
+    # onnxruntime-gpu: named, or the one setup installs on a GPU node (.deps/env.sh
+    # points ORT_DYLIB_PATH at it, its CUDA provider beside it), or python3's
+    given = os.environ.get("ORT_DYLIB_PATH", "")
+    setup_gpu = given if given and (Path(given).resolve().parent / "libonnxruntime_providers_cuda.so").exists() else ""
+    ort_gpu = os.environ.get("ORT_GPU_LIB") or setup_gpu or python_out(
         "import glob, os, onnxruntime as o\n"
         "if 'CUDAExecutionProvider' in o.get_available_providers():\n"
         "    print(sorted(glob.glob(os.path.join(os.path.dirname(o.__file__), 'capi', 'libonnxruntime.so*')))[-1])")
