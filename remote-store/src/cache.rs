@@ -101,6 +101,26 @@ impl CachedStore {
     pub fn fetched_bytes(&self) -> u64 {
         self.fetched_bytes
     }
+
+    /// Drop shard `s`'s files (shard file, image pack, index part) from
+    /// the copy, so that the next fetch downloads and checks them again:
+    /// for damage found in the copy after its download.
+    ///
+    /// # Errors
+    /// Local IO.
+    pub fn forget_shard(&self, s: u32) -> Result<()> {
+        let sync = open_lock(&self._pin.sync_lock)?;
+        lock(&sync, true, true).map_err(io(&self._pin.sync_lock, "lock"))?;
+        for name in [names::shard(s), names::images(s), names::index(s)] {
+            let p = self.dir.join(name);
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(RemoteError::Io { path: p, op: "remove from the cache", source: e }),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `s3://bucket/a/b` -> `s3/bucket/a/b`, refusing `..` and empty parts.

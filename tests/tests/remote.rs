@@ -207,6 +207,16 @@ fn two_workers_fill_a_bucket_with_the_local_bytes_and_training_from_it_matches()
     let verify = server.run_ok(&["inspect", "verify", url, "--cache", s(&cache_c)]);
     assert!(verify.contains("store is intact"), "{verify}");
     assert_eq!(std::fs::metadata(&shard).expect("refetched").len(), len);
+    // damage of the same size in the copy: verify names it and drops the shard, the next command fetches it again
+    let mut b = std::fs::read(&shard).expect("cached");
+    let at = b.len() / 2;
+    b[at] ^= 1;
+    std::fs::write(&shard, &b).expect("damage");
+    let o = server.run(&["inspect", "verify", url, "--cache", s(&cache_c)]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("shard 3: dropped from the cached copy"), "{}", String::from_utf8_lossy(&o.stderr));
+    let verify = server.run_ok(&["inspect", "verify", url, "--cache", s(&cache_c)]);
+    assert!(verify.contains("store is intact"), "{verify}");
 }
 
 #[test]

@@ -255,9 +255,18 @@ pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        InspectCommand::Verify { store, cache, json } => {
-            let (store, _pin) = cache.local(&store, Need::Everything, super::progress(json))?;
+        InspectCommand::Verify { store: given, cache, json } => {
+            let (store, cached) = cache.local(&given, Need::Everything, super::progress(json))?;
             let r = tools::inspect::verify(&store, std::io::stderr().is_terminal() && !json)?;
+            if let Some(c) = &cached {
+                // damage in the cached copy (it matched its reports when fetched): fetch those shards again next time
+                let mut shards: Vec<u32> = r.problems.iter().filter_map(|p| p.shard).collect();
+                shards.dedup();
+                for s in shards {
+                    c.forget_shard(s)?;
+                    eprintln!("shard {s}: dropped from the cached copy of {}; the next command fetches it again", given.display());
+                }
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
