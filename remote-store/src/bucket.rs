@@ -178,7 +178,7 @@ impl Bucket {
 
     /// Stream the object into `file` (which is truncated first); returns
     /// its size. Run on the bucket's runtime by the caller.
-    pub(crate) async fn download(&self, rel: &str, dst: &Path) -> Result<u64> {
+    pub(crate) async fn download(&self, rel: &str, dst: &Path, on_bytes: &(dyn Fn(u64) + Sync)) -> Result<u64> {
         let path = self.path(rel);
         let r = self.store.get(&path).await.map_err(self.fail(rel, "get"))?;
         let mut f = std::fs::File::create(dst).map_err(io(dst, "create"))?;
@@ -188,6 +188,7 @@ impl Bucket {
             let chunk = chunk.map_err(self.fail(rel, "read"))?;
             f.write_all(&chunk).map_err(io(dst, "write"))?;
             n += chunk.len() as u64;
+            on_bytes(chunk.len() as u64);
         }
         f.sync_all().map_err(io(dst, "fsync"))?;
         Ok(n)
@@ -248,20 +249,27 @@ impl Bucket {
             self.block_on(async {
                 let upload = self.store.put_multipart(&path).await.map_err(self.fail(rel, "start multipart upload"))?;
                 let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-                let mut f = std::fs::File::open(src).map_err(io(src, "open"))?;
                 let mut digests = Vec::new();
                 let mut parts = 0usize;
-                loop {
-                    let mut buf = vec![0u8; PART_SIZE];
-                    let n = read_full(&mut f, &mut buf).map_err(io(src, "read"))?;
-                    if n == 0 {
-                        break;
+                let sent: Result<()> = async {
+                    let mut f = std::fs::File::open(src).map_err(io(src, "open"))?;
+                    loop {
+                        let mut buf = vec![0u8; PART_SIZE];
+                        let n = read_full(&mut f, &mut buf).map_err(io(src, "read"))?;
+                        if n == 0 {
+                            return Ok(());
+                        }
+                        buf.truncate(n);
+                        digests.extend_from_slice(&md5::Md5::digest(&buf));
+                        parts += 1;
+                        w.wait_for_capacity(PARTS_IN_FLIGHT).await.map_err(self.fail(rel, "upload part"))?;
+                        w.put(Bytes::from(buf));
                     }
-                    buf.truncate(n);
-                    digests.extend_from_slice(&md5::Md5::digest(&buf));
-                    parts += 1;
-                    w.wait_for_capacity(PARTS_IN_FLIGHT).await.map_err(self.fail(rel, "upload part"))?;
-                    w.put(Bytes::from(buf));
+                }
+                .await;
+                if let Err(e) = sent {
+                    let _ = w.abort().await; // leave no incomplete upload behind
+                    return Err(e);
                 }
                 let r = w.finish().await.map_err(self.fail(rel, "complete multipart upload"))?;
                 Ok::<_, RemoteError>((r, format!("{}-{parts}", hex::encode(md5::Md5::digest(&digests)))))

@@ -176,7 +176,14 @@ pub fn fetch(url: &str, opts: &CacheOptions, need: Need) -> Result<CachedStore> 
     let sync_path = pin.sync_lock.clone();
     let sync = open_lock(&sync_path)?;
     lock(&sync, true, true).map_err(io(&sync_path, "lock"))?;
-    let fetched_bytes = Fetcher { bucket: &bucket, dir: &dir, opts }.run(need)?;
+    let bar = indicatif::ProgressBar::hidden();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} fetch [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes}  {bytes_per_sec}  ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let fetched_bytes = Fetcher { bucket: &bucket, dir: &dir, opts, bar }.run(need)?;
     drop(sync);
     Ok(CachedStore { dir, fetched_bytes, _pin: pin })
 }
@@ -217,6 +224,17 @@ struct Fetcher<'a> {
     bucket: &'a Bucket,
     dir: &'a Path,
     opts: &'a CacheOptions,
+    /// Bytes downloaded (drawn only with `opts.progress`).
+    bar: indicatif::ProgressBar,
+}
+
+/// Clears a progress bar however the fetch ends.
+struct ClearOnDrop<'a>(&'a indicatif::ProgressBar);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
 }
 
 /// One file to fetch: its name in the store, its size by the report, how to check it.
@@ -334,14 +352,11 @@ impl Fetcher<'_> {
         }
         let total: u64 = missing.iter().map(|w| w.bytes).sum();
         if self.opts.progress && total > 0 {
-            eprintln!(
-                "fetching {} files ({:.1} MB) of {} into {}",
-                missing.len(),
-                total as f64 / 1e6,
-                self.bucket.url(),
-                self.dir.display()
-            );
+            eprintln!("fetching {} files of {} into {}", missing.len(), self.bucket.url(), self.dir.display());
+            self.bar.set_length(total);
+            self.bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
         }
+        let _clear = ClearOnDrop(&self.bar);
         self.bucket.block_on(async {
             futures::stream::iter(missing.iter().map(|w| self.download_checked(w)))
                 .buffer_unordered(PARALLEL_DOWNLOADS)
@@ -360,7 +375,7 @@ impl Fetcher<'_> {
         let tmp = dst.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
         let mut why = String::new();
         for _ in 0..ATTEMPTS {
-            let n = self.bucket.download(&w.name, &tmp).await?;
+            let n = self.bucket.download(&w.name, &tmp, &|b| self.bar.inc(b)).await?;
             match check_file(&tmp, n, w) {
                 Ok(()) => {
                     std::fs::rename(&tmp, &dst).map_err(io(&dst, "rename into place"))?;
