@@ -49,7 +49,7 @@ impl Bucket {
     /// `az://container/prefix`), configured from the environment:
     /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
     /// `AWS_REGION`, `AWS_ENDPOINT_URL` (S3-compatible servers),
-    /// `AWS_ALLOW_HTTP`; `GOOGLE_SERVICE_ACCOUNT` / `GOOGLE_APPLICATION_CREDENTIALS`;
+    /// `AWS_ALLOW_HTTP`, under them a static profile of `~/.aws` (`AWS_PROFILE`); `GOOGLE_SERVICE_ACCOUNT` / `GOOGLE_APPLICATION_CREDENTIALS`;
     /// `AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY` and the other
     /// `AZURE_*` variables of `object_store`.
     ///
@@ -81,6 +81,10 @@ impl Bucket {
         let store: Arc<dyn ObjectStore> = match parsed.scheme() {
             "s3" | "s3a" => {
                 let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(url).with_retry(retry);
+                // a static profile of ~/.aws, under what the environment sets
+                for (k, v) in crate::aws_profile::settings(url, &|k| std::env::var(k).ok())? {
+                    b = b.with_config(k.parse().map_err(|_| unknown(&k))?, v);
+                }
                 for (k, v) in settings {
                     b = b.with_config(k.parse().map_err(|_| unknown(k))?, *v);
                 }

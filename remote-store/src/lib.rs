@@ -17,6 +17,7 @@
 //! servers, `GOOGLE_*`, `AZURE_*`); see [`Bucket::open`]. The layout in the
 //! bucket is the store folder's (`shard-store/FORMAT.md`), plus `claims/`.
 
+mod aws_profile;
 mod bucket;
 mod cache;
 mod error;

@@ -541,3 +541,51 @@ fn losing_the_server_mid_extraction_stops_it_with_one_line_naming_the_object() {
     let e = failed(&o);
     assert!(e.contains("s3://caev2/lost/") && e.contains("failed"), "{e}");
 }
+
+#[test]
+fn credentials_and_endpoint_come_from_an_aws_profile() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    imagenet_dataset(&data, 4);
+    let local = tmp.path().join("local");
+    extract_tiny(&data, &local, &EXTRACT);
+    let server = S3Server::start(&tmp.path().join("s3"));
+    server.bucket("caev2");
+    let home = tmp.path().join("home");
+    std::fs::create_dir_all(home.join(".aws")).expect("mkdir");
+    std::fs::write(home.join(".aws/credentials"), format!("[lab]\naws_access_key_id = {KEY}\naws_secret_access_key = {SECRET}\n"))
+        .expect("write");
+    std::fs::write(
+        home.join(".aws/config"),
+        format!("[profile lab]\nregion = us-east-1\nendpoint_url = http://127.0.0.1:{}\n", server.port),
+    )
+    .expect("write");
+    let caev2_with_profile = |args: &[&str]| {
+        let mut c = Command::new(caev2());
+        c.args(args).env("HOME", &home).env("AWS_PROFILE", "lab").env("AWS_ALLOW_HTTP", "true");
+        for var in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_REGION",
+            "AWS_DEFAULT_REGION",
+            "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT",
+        ] {
+            c.env_remove(var);
+        }
+        c.output().expect("spawn")
+    };
+    let o = caev2_with_profile(&["inspect", "upload", s(&local), "s3://caev2/profiled"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = caev2_with_profile(&["inspect", "summary", "s3://caev2/profiled", "--cache", s(&tmp.path().join("cache"))]);
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("s3://caev2/profiled"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let mut c = Command::new(caev2());
+    c.args(["inspect", "summary", "s3://caev2/profiled"]).env("HOME", &home).env("AWS_PROFILE", "missing");
+    let e = failed(&c.output().expect("spawn"));
+    assert!(e.contains("AWS_PROFILE=missing: no such profile"), "{e}");
+}
