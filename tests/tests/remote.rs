@@ -589,3 +589,40 @@ fn credentials_and_endpoint_come_from_an_aws_profile() {
     let e = failed(&c.output().expect("spawn"));
     assert!(e.contains("AWS_PROFILE=missing: no such profile"), "{e}");
 }
+
+#[test]
+fn two_ranks_on_one_node_fetch_a_bucket_into_one_cache_and_train_what_one_process_trains() {
+    let (tmp, _data, local, server, _bucket) = with_reference_store();
+    let url = "s3://caev2/dp";
+    server.run_ok(&["inspect", "upload", s(&local), url]);
+    let cache = tmp.path().join("node-cache"); // cold, shared by both ranks
+    let single = tmp.path().join("single");
+    server.run_ok(&train_args(s(&local), &single, &cache));
+    let pair = tmp.path().join("pair");
+    let port = TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port().to_string();
+    let ranks: Vec<Child> = (0..2)
+        .map(|rank| {
+            server
+                .command(&train_args(url, &pair, &cache))
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("LOCAL_WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn rank")
+        })
+        .collect();
+    for r in ranks {
+        let o = r.wait_with_output().expect("wait");
+        assert!(o.status.success(), "rank failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let (a, b) = (losses(&pair), losses(&single));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x.1 - y.1).abs() <= 1e-5 * y.1.abs(), "step {}: {} vs {}", x.0, x.1, y.1);
+    }
+}
