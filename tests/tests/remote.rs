@@ -190,6 +190,10 @@ fn two_workers_fill_a_bucket_with_the_local_bytes_and_training_from_it_matches()
 
     // read through a third machine's cache: verify, and train without --data
     let cache_c = tmp.path().join("machine-c");
+    let fetched = json(&server.run_ok(&["inspect", "fetch", url, "--cache", s(&cache_c), "--json"]));
+    assert!(fetched["fetched_bytes"].as_u64().expect("bytes") > 0);
+    let again = json(&server.run_ok(&["inspect", "fetch", url, "--cache", s(&cache_c), "--json"]));
+    assert_eq!(again["fetched_bytes"], 0, "a warm cache fetches nothing");
     let verify = server.run_ok(&["inspect", "verify", url, "--cache", s(&cache_c)]);
     assert!(verify.contains("store is intact"), "{verify}");
     let (from_bucket, from_local) = (tmp.path().join("run-bucket"), tmp.path().join("run-local"));
@@ -596,6 +600,8 @@ fn two_ranks_on_one_node_fetch_a_bucket_into_one_cache_and_train_what_one_proces
     let url = "s3://caev2/dp";
     server.run_ok(&["inspect", "upload", s(&local), url]);
     let cache = tmp.path().join("node-cache"); // cold, shared by both ranks
+    let e = failed(&server.run(&["inspect", "fetch", s(&local)]));
+    assert!(e.contains("not a bucket URL"), "{e}");
     let single = tmp.path().join("single");
     server.run_ok(&train_args(s(&local), &single, &cache));
     let pair = tmp.path().join("pair");

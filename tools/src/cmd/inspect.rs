@@ -1,4 +1,4 @@
-//! `caev2 inspect summary | verify | show | render | compare | recode | upload`.
+//! `caev2 inspect summary | verify | show | render | compare | recode | upload | fetch`.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -98,6 +98,18 @@ pub enum InspectCommand {
         src: PathBuf,
         /// Destination: SCHEME://BUCKET/PREFIX (empty, or holding this store).
         url: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch a store in a bucket into the cache (each file checked against
+    /// its shard report), e.g. on every node before a data-parallel run,
+    /// and say where it is.
+    Fetch {
+        /// SCHEME://BUCKET/PREFIX.
+        url: PathBuf,
+        #[command(flatten)]
+        cache: super::CacheArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -228,6 +240,27 @@ pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
                     r.views as f64 / secs.max(1e-9),
                     r.bytes as f64 / 1e6,
                     r.shards_already_done
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        InspectCommand::Fetch { url, cache, json } => {
+            if !remote_store::is_url(&url.to_string_lossy()) {
+                anyhow::bail!("{}: not a bucket URL (s3://, gs://, az://); a local store needs no fetch", url.display());
+            }
+            let t = std::time::Instant::now();
+            let (dir, cached) = cache.local(&url, Need::Everything, super::progress(json))?;
+            let fetched = cached.as_ref().map_or(0, |c| c.fetched_bytes());
+            let secs = t.elapsed().as_secs_f64();
+            if json {
+                println!("{}", serde_json::json!({"url": url, "cached": dir, "fetched_bytes": fetched, "seconds": secs}));
+            } else {
+                println!(
+                    "fetch: {} is in {} ({:.1} MB fetched and checked in {:.1} s)",
+                    url.display(),
+                    dir.display(),
+                    fetched as f64 / 1e6,
+                    secs
                 );
             }
             Ok(ExitCode::SUCCESS)
