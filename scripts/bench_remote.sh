@@ -19,13 +19,13 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 DATA="${1:-../shared/data/imagenet-sample/images}"
 ROUNDS="${ROUNDS:-2}"; VIEWS="${VIEWS:-10}"; THREADS="${THREADS:-$(nproc)}"; OUT="${OUT:-runs/bench-remote}"
-scripts/setup.sh >/dev/null
+scripts/setup.sh --tests >/dev/null  # the S3 server
 source .deps/env.sh
 cargo build --release -p tools --bin caev2 >/dev/null 2>&1
 C="$ROOT/target/release/caev2"
 rm -rf "$OUT"; mkdir -p "$OUT/s3/bench"
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$CAEV2_S3_SERVER" --host 127.0.0.1 --port "$PORT" --access-key bench --secret-key bench-secret "$OUT/s3" >/dev/null 2>&1 &
+.deps/s3s-fs/bin/s3s-fs --host 127.0.0.1 --port "$PORT" --access-key bench --secret-key bench-secret "$OUT/s3" >/dev/null 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_REGION=us-east-1

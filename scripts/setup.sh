@@ -4,6 +4,7 @@
 # first successful run. Every native and Python version is pinned here, once.
 #
 #   scripts/setup.sh            # libtorch, ONNX Runtime, teacher, sample data, Python tools
+#   scripts/setup.sh --tests    # also the object-storage test servers (s3s-fs, Azurite): scripts/test.sh
 #   CAEV2_GPU=1 scripts/setup.sh   # also onnxruntime-gpu + the CUDA 13 libraries (cuDNN, NCCL, ...)
 #                                  # that it and libtorch_cuda.so load
 #                                  # (automatic where an NVIDIA driver is loaded; CAEV2_GPU=0 skips it)
@@ -14,6 +15,13 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEPS="$ROOT/.deps"
 mkdir -p "$DEPS"
+FOR_TESTS=0
+for arg in "$@"; do
+  case "$arg" in
+    --tests) FOR_TESTS=1 ;;
+    *) echo "setup.sh: unknown argument $arg (only --tests)" >&2; exit 2 ;;
+  esac
+done
 
 # ---- pins (the only place versions are named) -------------------------------
 TORCH_VERSION=2.11.0              # must match tch =0.24.0 (torch-sys pins it)
@@ -186,7 +194,7 @@ fi
 # The tests start it on 127.0.0.1 (tests/tests/remote.rs); a real server from
 # the registry, not a mock of the client. Built once into .deps/s3s-fs.
 S3S_DIR="$DEPS/s3s-fs"
-if ! stamp_ok s3s "$S3S_FS_VERSION"; then
+if [[ "$FOR_TESTS" == 1 ]] && ! stamp_ok s3s "$S3S_FS_VERSION"; then
   log "building the S3 test server (crate s3s-fs $S3S_FS_VERSION, about 3 minutes)"
   rm -rf "$S3S_DIR"
   cargo install --quiet --locked --root "$S3S_DIR" --features binary "s3s-fs@$S3S_FS_VERSION" \
@@ -198,7 +206,7 @@ fi
 # Azurite, Microsoft's emulator, from the npm registry (Node.js >= 20); the
 # tests start it on 127.0.0.1 (tests/tests/remote.rs).
 AZURITE_DIR="$DEPS/azurite"
-if ! stamp_ok azurite "$AZURITE_VERSION"; then
+if [[ "$FOR_TESTS" == 1 ]] && ! stamp_ok azurite "$AZURITE_VERSION"; then
   log "installing the Azure test server (npm azurite $AZURITE_VERSION)"
   command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; }
   rm -rf "$AZURITE_DIR"
@@ -217,7 +225,5 @@ export CAEV2_PYTHON="$VENV/bin/python"
 export CAEV2_SAMPLE_DATA="$DATA"
 export CAEV2_WEIGHTS="$DEPS/weights"
 export CAEV2_GLOO_INCLUDE="$GLOO_DIR/include"
-export CAEV2_S3_SERVER="$S3S_DIR/bin/s3s-fs"
-export CAEV2_AZURITE="$AZURITE_DIR/node_modules/.bin/azurite-blob"
 ENVEOF
 log "done; environment in .deps/env.sh"

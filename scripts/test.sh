@@ -4,7 +4,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-scripts/setup.sh
+scripts/setup.sh --tests
 source .deps/env.sh
 # style and lint gates first: they fail in seconds, not after the tests
 cargo fmt --all --check

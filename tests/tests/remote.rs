@@ -17,6 +17,13 @@ use std::time::{Duration, Instant};
 
 use caev2_tests::*;
 
+/// A server that `scripts/setup.sh --tests` installs under `.deps/`.
+fn test_server(rel: &str) -> PathBuf {
+    let p = workspace().join(".deps").join(rel);
+    assert!(p.exists(), "{} missing: run scripts/setup.sh --tests (scripts/test.sh does)", p.display());
+    p
+}
+
 const KEY: &str = "caev2-test-key";
 const SECRET: &str = "caev2-test-secret";
 
@@ -30,7 +37,7 @@ struct S3Server {
 
 impl S3Server {
     fn start(root: &Path) -> Self {
-        let bin = std::env::var_os("CAEV2_S3_SERVER").map(PathBuf::from).unwrap_or_else(|| dep("s3s-fs/bin/s3s-fs"));
+        let bin = test_server("s3s-fs/bin/s3s-fs");
         std::fs::create_dir_all(root).expect("server root");
         let port = TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
         let child = Command::new(bin)
@@ -432,7 +439,7 @@ struct Azurite {
 
 impl Azurite {
     fn start(dir: &Path, container: &str) -> Self {
-        let bin = std::env::var_os("CAEV2_AZURITE").map(PathBuf::from).unwrap_or_else(|| dep("azurite/node_modules/.bin/azurite-blob"));
+        let bin = test_server("azurite/node_modules/.bin/azurite-blob");
         let port = TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
         let child = Command::new(bin)
             .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string(), "--silent", "--skipApiVersionCheck", "--location"])
