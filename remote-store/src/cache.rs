@@ -11,7 +11,7 @@
 //!
 //! The small files (manifest, codec model, shard reports, index parts) are
 //! always fetched. Shard files and image packs are fetched when a command
-//! needs them; each download goes to a temporary name and is renamed only
+//! needs them (all of them, or one image's shard); each download goes to a temporary name and is renamed only
 //! after it matched its shard report (sizes, the image pack's CRC-32C, and
 //! the shard file's header and every record's CRC-32C): a damaged or
 //! partial download is fetched again, up to three times, then refused
@@ -74,12 +74,24 @@ impl CacheOptions {
 }
 
 /// What a command reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Need {
     /// Manifest, codec model, reports and index parts.
     Metadata,
-    /// Everything: shard files and image packs too.
+    /// The metadata, and these shards' files and image packs (one image's views).
+    Shards(Vec<u32>),
+    /// Everything: every shard file and image pack too.
     Everything,
+}
+
+impl Need {
+    fn shard(&self, s: u32) -> bool {
+        match self {
+            Need::Metadata => false,
+            Need::Shards(v) => v.contains(&s),
+            Need::Everything => true,
+        }
+    }
 }
 
 /// A store's local copy, complete for what was asked, held open: while it
@@ -331,7 +343,7 @@ impl Fetcher<'_> {
         for r in &reports {
             let s = r.shard;
             wanted.push(Wanted { name: names::index(s), bytes: r.index_bytes, check: Check::Index { crc: r.index_crc32c } });
-            if need == Need::Everything {
+            if need.shard(s) {
                 if remote.embeds_images() {
                     wanted.push(Wanted {
                         name: names::images(s),
@@ -346,8 +358,9 @@ impl Fetcher<'_> {
             wanted.into_iter().filter(|w| std::fs::metadata(self.dir.join(&w.name)).map(|m| m.len() != w.bytes).unwrap_or(true)).collect();
         let bulk = |w: &Wanted| !matches!(w.check, Check::Index { .. });
         let need_bytes: u64 = missing.iter().filter(|w| bulk(w)).map(|w| w.bytes).sum();
-        if need == Need::Everything {
-            let store_bytes: u64 = reports.iter().map(|r| r.shard_bytes + r.images_bytes.unwrap_or(0)).sum();
+        if need != Need::Metadata {
+            let store_bytes: u64 =
+                reports.iter().filter(|r| need.shard(r.shard)).map(|r| r.shard_bytes + r.images_bytes.unwrap_or(0)).sum();
             self.make_room(need_bytes, store_bytes)?;
         }
         let total: u64 = missing.iter().map(|w| w.bytes).sum();

@@ -197,6 +197,14 @@ fn two_workers_fill_a_bucket_with_the_local_bytes_and_training_from_it_matches()
 
     // read through a third machine's cache: verify, and train without --data
     let cache_c = tmp.path().join("machine-c");
+    // one image's views need its shard, not the store
+    let cache_d = tmp.path().join("machine-d");
+    server.run_ok(&["inspect", "render", url, "--image", "17", "--out", s(&tmp.path().join("v.png")), "--cache", s(&cache_d)]);
+    let fetched: Vec<String> = std::fs::read_dir(cache_d.join("stores/s3/caev2/stores/tiny/shards"))
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(fetched, vec!["shard-00004.bin".to_owned()]);
     let fetched = json(&server.run_ok(&["inspect", "fetch", url, "--cache", s(&cache_c), "--json"]));
     assert!(fetched["fetched_bytes"].as_u64().expect("bytes") > 0);
     let again = json(&server.run_ok(&["inspect", "fetch", url, "--cache", s(&cache_c), "--json"]));

@@ -166,7 +166,7 @@ pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         InspectCommand::Show { store, image, view, cache, json } => {
-            let (store, _pin) = cache.local(&store, Need::Everything, super::progress(json))?;
+            let (store, _pin) = local_for_image(&cache, &store, &image, json)?;
             let s = tools::inspect::show(&store, &image, view)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -176,7 +176,7 @@ pub fn run(cmd: InspectCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         InspectCommand::Render { store, image, view, data, out, cache, json } => {
-            let (store, _pin) = cache.local(&store, Need::Everything, super::progress(json))?;
+            let (store, _pin) = local_for_image(&cache, &store, &image, json)?;
             let (w, h) = tools::inspect::render(&store, data.as_deref(), &image, view, &out)?;
             if json {
                 println!("{}", serde_json::json!({"out": out, "width": w, "height": h}));
@@ -331,4 +331,21 @@ fn shard_bar(m: &shard_store::Manifest, json: bool) -> indicatif::ProgressBar {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     bar
+}
+
+/// The local folder of `store` with what one image's views need: for a
+/// bucket, its metadata and the image's shard only, not the whole store.
+fn local_for_image(
+    cache: &super::CacheArgs,
+    store: &std::path::Path,
+    image: &str,
+    json: bool,
+) -> Result<(PathBuf, Option<remote_store::CachedStore>)> {
+    let (dir, pin) = cache.local(store, Need::Metadata, super::progress(json))?;
+    if pin.is_none() {
+        return Ok((dir, None));
+    }
+    let rows = tools::inspect::image_rows(&shard_store::Store::open(&dir)?, image)?;
+    let shards: Vec<u32> = rows.iter().map(|r| r.shard).take(1).collect();
+    cache.local(store, Need::Shards(shards), super::progress(json))
 }
