@@ -3,6 +3,7 @@
 //! ```text
 //! CACHE/
 //!   stores/<scheme>/<bucket>/<prefix>/   a local copy of each store: a normal store folder
+//!                                        (the prefix's `/` written `%2F`: one folder level)
 //!   locks/<key>.use                      shared-locked by every process reading the copy;
 //!                                        its modification time orders eviction (least recent first)
 //!   locks/<key>.sync                     held while a process fetches into the copy
@@ -135,22 +136,28 @@ impl CachedStore {
     }
 }
 
-/// `s3://bucket/a/b` -> `s3/bucket/a/b`, refusing `..` and empty parts.
+/// `s3://bucket/a/b` -> `s3/bucket/a%2Fb`: one folder per store, whatever
+/// the prefixes (a store at `a` never holds the copy of one at `a/shards`);
+/// `%` and `/` of the prefix escaped, an empty prefix as `%2F`.
 fn cache_key(url: &str) -> Result<PathBuf> {
     let bad = |why: &str| RemoteError::BadUrl { url: url.to_owned(), why: why.to_owned() };
     let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("not a URL"))?;
-    let mut key = PathBuf::from(scheme);
-    for part in rest.split('/').filter(|p| !p.is_empty()) {
-        if part == "." || part == ".." || part.contains('\\') {
-            return Err(bad("has a `.` or `..` part"));
-        }
-        key.push(part);
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() || bucket == "." || bucket == ".." || bucket.contains('\\') {
+        return Err(bad("names no usable bucket"));
     }
-    Ok(key)
+    let parts: Vec<&str> = prefix.split('/').filter(|p| !p.is_empty()).collect();
+    if parts.iter().any(|p| *p == "." || *p == "..") {
+        return Err(bad("has a `.` or `..` part"));
+    }
+    let prefix = parts.iter().map(|p| p.replace('%', "%25")).collect::<Vec<_>>().join("%2F");
+    Ok(PathBuf::from(scheme).join(bucket).join(if prefix.is_empty() { "%2F".into() } else { prefix }))
 }
 
+/// The lock files' stem of a cache key: its parts joined by `_`, each part's
+/// own `_` escaped, so two keys never share a name.
 fn lock_name(key: &Path) -> String {
-    key.to_string_lossy().replace(['/', ':'], "_")
+    key.iter().map(|p| p.to_string_lossy().replace('_', "%5F")).collect::<Vec<_>>().join("_")
 }
 
 fn lock(file: &File, exclusive: bool, wait: bool) -> std::io::Result<bool> {
@@ -526,8 +533,14 @@ mod tests {
 
     #[test]
     fn cache_keys_follow_the_url() {
-        assert_eq!(cache_key("s3://bucket/a/b/").expect("key"), PathBuf::from("s3/bucket/a/b"));
+        assert_eq!(cache_key("s3://bucket/a/b/").expect("key"), PathBuf::from("s3/bucket/a%2Fb"));
+        assert_eq!(cache_key("s3://bucket").expect("key"), PathBuf::from("s3/bucket/%2F"));
+        assert_ne!(cache_key("s3://b/a%2Fb").expect("key"), cache_key("s3://b/a/b").expect("key"));
         assert!(cache_key("s3://bucket/../x").is_err());
+        // a store's copy never lies inside another's
+        let (a, b) = (cache_key("s3://b/x").expect("a"), cache_key("s3://b/x/shards").expect("b"));
+        assert!(!b.starts_with(&a) && !a.starts_with(&b));
         assert_eq!(lock_name(Path::new("s3/bucket/a")), "s3_bucket_a");
+        assert_ne!(lock_name(&cache_key("gs://a_b/c").expect("k")), lock_name(&cache_key("gs://a/b_c").expect("k")));
     }
 }

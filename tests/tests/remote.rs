@@ -200,7 +200,7 @@ fn two_workers_fill_a_bucket_with_the_local_bytes_and_training_from_it_matches()
     // one image's views need its shard, not the store
     let cache_d = tmp.path().join("machine-d");
     server.run_ok(&["inspect", "render", url, "--image", "17", "--out", s(&tmp.path().join("v.png")), "--cache", s(&cache_d)]);
-    let fetched: Vec<String> = std::fs::read_dir(cache_d.join("stores/s3/caev2/stores/tiny/shards"))
+    let fetched: Vec<String> = std::fs::read_dir(cache_d.join("stores/s3/caev2/stores%2Ftiny/shards"))
         .expect("ls")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
@@ -219,7 +219,7 @@ fn two_workers_fill_a_bucket_with_the_local_bytes_and_training_from_it_matches()
     assert_eq!(a, b, "training from the bucket differs from training from the local store");
 
     // a cached copy cut short (a partial download, a full disk) is fetched again
-    let cached = cache_c.join("stores/s3/caev2/stores/tiny");
+    let cached = cache_c.join("stores/s3/caev2/stores%2Ftiny");
     let shard = cached.join("shards/shard-00003.bin");
     let len = std::fs::metadata(&shard).expect("cached shard").len();
     std::fs::OpenOptions::new().write(true).open(&shard).expect("open").set_len(len / 2).expect("truncate");
@@ -519,7 +519,7 @@ fn a_store_in_azure_blob_storage_is_the_local_store_and_trains_the_same() {
     let cache = tmp.path().join("machine-c");
     let verify = azure.run_ok(&["inspect", "verify", url, "--cache", s(&cache)]);
     assert!(verify.contains("store is intact"), "{verify}");
-    assert_eq!(store_contents(&cache.join("stores/az/caev2/stores/tiny")), store_contents(&local));
+    assert_eq!(store_contents(&cache.join("stores/az/caev2/stores%2Ftiny")), store_contents(&local));
     let (from_azure, from_local) = (tmp.path().join("run-azure"), tmp.path().join("run-local"));
     azure.run_ok(&train_args(url, &from_azure, &cache));
     azure.run_ok(&train_args(s(&local), &from_local, &cache));
