@@ -101,7 +101,7 @@ impl Need {
 pub struct CachedStore {
     dir: PathBuf,
     fetched_bytes: u64,
-    _pin: Pin,
+    pin: Pin,
 }
 
 impl CachedStore {
@@ -122,8 +122,8 @@ impl CachedStore {
     /// # Errors
     /// Local IO.
     pub fn forget_shard(&self, s: u32) -> Result<()> {
-        let sync = open_lock(&self._pin.sync_lock)?;
-        lock(&sync, true, true).map_err(io(&self._pin.sync_lock, "lock"))?;
+        let sync = open_lock(&self.pin.sync_lock)?;
+        lock(&sync, true, true).map_err(io(&self.pin.sync_lock, "lock"))?;
         for name in [names::shard(s), names::images(s), names::index(s)] {
             let p = self.dir.join(name);
             match std::fs::remove_file(&p) {
@@ -204,7 +204,7 @@ pub fn fetch(url: &str, opts: &CacheOptions, need: Need) -> Result<CachedStore> 
     );
     let fetched_bytes = Fetcher { bucket: &bucket, dir: &dir, opts, bar }.run(need)?;
     drop(sync);
-    Ok(CachedStore { dir, fetched_bytes, _pin: pin })
+    Ok(CachedStore { dir, fetched_bytes, pin })
 }
 
 /// A store's copy in use: while this lives, no other process evicts it.
