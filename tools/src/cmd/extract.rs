@@ -241,11 +241,12 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
         publish,
         ..defaults
     };
+    let staging = cfg.publish.is_some().then(|| cfg.out.clone());
     let s = run_extract(&cfg).with_context(|| format!("extracting {} into {}", a.data.display(), a.out.display()))?;
     let secs = s.elapsed.as_secs_f64();
     if a.json {
         let j = serde_json::json!({
-            "store": a.out, "images": s.images, "shards_total": s.shards_total,
+            "store": a.out, "staging": staging, "images": s.images, "shards_total": s.shards_total,
             "shards_written": s.shards_written, "shards_already_done": s.shards_already_done,
             "shards_busy": s.shards_busy, "shards_other_workers": s.shards_other_workers,
             "views_stored": s.views_stored, "skipped": s.skipped, "bytes_written": s.bytes_written,
@@ -268,7 +269,12 @@ pub fn run(a: ExtractArgs) -> Result<ExitCode> {
             s.shards_already_done,
             s.shards_busy,
             s.shards_other_workers,
-            if s.store_complete { "complete" } else { "NOT complete yet" }
+            match (s.store_complete, &staging) {
+                (true, None) => "complete".to_owned(),
+                (false, None) => "NOT complete yet".to_owned(),
+                (true, Some(dir)) => format!("complete in {} (staged in {})", a.out.display(), dir.display()),
+                (false, Some(dir)) => format!("NOT complete yet in {} (staged in {})", a.out.display(), dir.display()),
+            }
         );
         if !s.skipped.is_empty() {
             println!("skipped {} undecodable files (also listed in {}/done/*.json):", s.skipped.len(), a.out.display());
