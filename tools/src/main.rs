@@ -18,10 +18,13 @@ enum Command {
     /// Run a frozen teacher once over K augmented views per image and store
     /// its tokens and the views' parameters in a shard store. Safe to kill and
     /// rerun with the same arguments (it resumes), and to run several times at
-    /// once on one store (shards are claimed under file locks).
+    /// once on one store (shards are claimed under file locks, or by claims
+    /// in the bucket for --out s3://, gs://, az://).
     Extract(Box<cmd::extract::ExtractArgs>),
-    /// Train a CAE v2 student from a store (cached targets) and the images it
-    /// was extracted from. Kill it at any time and rerun with --resume.
+    /// Train a CAE v2 student from a store (cached targets; a folder or a
+    /// bucket, read through a local cache) and the images it was extracted
+    /// from (or its own, with --embed-images). Kill it at any time and rerun
+    /// with --resume.
     Train(Box<cmd::train::TrainArgs>),
     /// Look at a store.
     #[command(subcommand)]
