@@ -1,7 +1,8 @@
 //! A run folder has one owner: of two trainings started together into one
 //! `--out`, one trains and the other is refused in one line naming the
 //! holder, changing nothing; a holder killed with SIGKILL leaves no stale
-//! lock, and `--resume` takes over. The folder records how the run ran
+//! lock, and `--resume` takes over, from the store at another path (not
+//! from another store). The folder records how the run ran
 //! (`run.json`), and evaluations and exports carry it.
 
 use std::path::{Path, PathBuf};
@@ -78,9 +79,18 @@ fn a_killed_holder_leaves_no_stale_lock_and_resume_takes_over() {
     holder.wait().expect("reap");
     let done = losses(&out).len();
     assert!(done < 40, "the kill came too late ({done} steps)");
-    let o = train(&store, &data, &out, "40", &["--checkpoint-every", "4", "--resume"]).output().expect("resume");
+    // the store moved meanwhile (another node's copy, another cache folder): its identity, not its path, must match
+    let moved = tmp.path().join("store-moved");
+    std::fs::rename(&store, &moved).expect("move the store");
+    let o = train(&moved, &data, &out, "40", &["--checkpoint-every", "4", "--resume"]).output().expect("resume");
     assert!(o.status.success(), "resume after SIGKILL: {}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(losses(&out).len(), 40);
+    assert_eq!(json(&out.join("config.json"))["store"], s(&moved), "config.json follows the store");
+    let other = tmp.path().join("other-store");
+    extract_tiny(&data, &other, &["--views", "2", "--student-size", "112", "--seed", "3"]);
+    let o = train(&other, &data, &out, "40", &["--checkpoint-every", "4", "--resume"]).output().expect("resume");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success() && err.contains("--resume: the run trained on store"), "{err}");
     // run.json: the killed invocation (no end) and the one that resumed it
     let run = json(&out.join("run.json"));
     let inv = run["invocations"].as_array().expect("invocations");

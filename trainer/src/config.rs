@@ -75,6 +75,18 @@ pub enum Budget {
 pub const PAPER_EPOCHS: u64 = 300;
 
 impl TrainConfig {
+    /// This configuration without where things are (the store's, the
+    /// images' and the live teacher's paths): what must be equal between
+    /// the ranks of a group and between a run and its resumption, which may
+    /// read the same store from other places.
+    pub fn without_paths(&self) -> TrainConfig {
+        let mut c = self.clone();
+        c.store = PathBuf::new();
+        c.data = None; // a store that carries its images may be read with or without --data
+        c.live_teacher = c.live_teacher.as_ref().map(|_| PathBuf::new());
+        c
+    }
+
     /// The paper's (and the released scripts') settings for a `preset`
     /// student trained from `store`: the student sized for the store's views
     /// and targets, AdamW (0.9, 0.999) with weight decay 0.05, peak learning

@@ -75,7 +75,8 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let folder = if dist.is_main() { Some(RunFolder::take(&opts.out)) } else { None }.transpose();
     let resumed = folder.and_then(|f| match &f {
         Some(folder) => {
-            let start = if folder.prepare(cfg, opts.resume)? { checkpoint::restore(&opts.out, &mut vs, &mut opt, device)? } else { 0 };
+            let start =
+                if folder.prepare(cfg, &m.store_id, opts.resume)? { checkpoint::restore(&opts.out, &mut vs, &mut opt, device)? } else { 0 };
             Ok((f, start))
         }
         None => Ok((f, 0)),
@@ -277,12 +278,8 @@ fn invocation(opts: &RunOptions, m: &shard_store::Manifest, dist: &Dist, backend
 /// every checkpoint step) and the build.
 fn settings_digest(cfg: &TrainConfig, store_id: &str, opts: &RunOptions) -> [u8; 32] {
     use sha2::Digest;
-    let mut c = cfg.clone();
-    c.store = PathBuf::new();
-    c.data = None;
-    c.live_teacher = c.live_teacher.map(|_| PathBuf::new());
     let mut h = sha2::Sha256::new();
-    h.update(serde_json::to_vec(&c).unwrap_or_default());
+    h.update(serde_json::to_vec(&cfg.without_paths()).unwrap_or_default());
     h.update(store_id.as_bytes());
     h.update([u8::from(opts.bf16)]);
     h.update(opts.metrics_every.max(1).to_le_bytes());

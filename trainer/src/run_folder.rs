@@ -87,17 +87,42 @@ impl RunFolder {
     ///
     /// # Errors
     /// A folder holding another run, or checkpoints without `--resume`.
-    pub(crate) fn prepare(&self, cfg: &TrainConfig, resume: bool) -> Result<bool> {
+    pub(crate) fn prepare(&self, cfg: &TrainConfig, store_id: &str, resume: bool) -> Result<bool> {
         let cfg_path = self.out.join("config.json");
         let has_checkpoint = self.out.join("checkpoints/latest").exists();
         if resume && has_checkpoint {
             let old: TrainConfig = serde_json::from_slice(&std::fs::read(&cfg_path).map_err(TrainError::io(&cfg_path, "read config"))?)
                 .map_err(|source| TrainError::Json { path: cfg_path.clone(), source })?;
-            if &old != cfg {
+            // where the store and the images are may change (another node, a
+            // copy on local disk, another cache folder); what they are may not
+            if old.without_paths() != cfg.without_paths() {
                 return Err(TrainError::RunFolder {
                     path: cfg_path,
                     what: "--resume: the settings differ from this run's (resume with the same arguments)".into(),
                 });
+            }
+            let trained_on = read_provenance(&self.out).and_then(|p| p.invocations.last().map(|i| i.store_id.clone()));
+            match trained_on {
+                Some(id) if id != store_id => {
+                    return Err(TrainError::RunFolder {
+                        path: cfg_path,
+                        what: format!("--resume: the run trained on store {id}, and {} is store {store_id}", cfg.store.display()),
+                    });
+                }
+                Some(_) => {}
+                // a run folder from before run.json: the paths must be the same
+                None if old != *cfg => {
+                    return Err(TrainError::RunFolder {
+                        path: cfg_path,
+                        what: "--resume: the settings differ from this run's (resume with the same arguments)".into(),
+                    });
+                }
+                None => {}
+            }
+            if old != *cfg {
+                // the same run at its new paths, for `eval` and later resumes
+                let json = serde_json::to_vec_pretty(cfg).map_err(|source| TrainError::Json { path: cfg_path.clone(), source })?;
+                shard_store::write_file_atomic(&cfg_path, &json)?;
             }
             return Ok(true);
         }
