@@ -89,10 +89,12 @@ impl Publisher {
     /// folder `local` if it lacks them, so this worker adds to the same
     /// store; a staging folder holding another store is refused.
     ///
+    /// `true` when the bucket holds a store.
+    ///
     /// # Errors
     /// Requests, local IO, [`RemoteError::Conflict`].
-    pub fn pull_manifest(&self, local: &Path) -> Result<()> {
-        let Some((bytes, _)) = self.bucket.get(names::MANIFEST)? else { return Ok(()) };
+    pub fn pull_manifest(&self, local: &Path) -> Result<bool> {
+        let Some((bytes, _)) = self.bucket.get(names::MANIFEST)? else { return Ok(false) };
         let remote = parse_manifest(&self.bucket, &bytes)?;
         let here = Manifest::path(local);
         if here.exists() {
@@ -108,7 +110,7 @@ impl Publisher {
                     ),
                 });
             }
-            return Ok(());
+            return Ok(true);
         }
         std::fs::create_dir_all(local).map_err(io(local, "create folder"))?;
         if let Some(fit) = &remote.codec_fit {
@@ -119,18 +121,20 @@ impl Publisher {
             shard_store::write_file_atomic(&local.join(&fit.file), &model)?;
         }
         shard_store::write_file_atomic(&here, &bytes)?;
-        Ok(())
+        Ok(true)
     }
 
     /// After the local store is opened: publish its manifest (and codec
     /// model) if the bucket has none, create-only; if another worker
-    /// published first, check that it is the same store.
+    /// published first, compare. `None` when the bucket now holds this
+    /// store; the bucket's manifest when it holds another (two workers
+    /// that started the store at once and fitted the `pca` codec to
+    /// different models, e.g. on CPUs that round differently: see
+    /// [`Publisher::adopt_manifest`]).
     ///
     /// # Errors
-    /// Requests, [`RemoteError::Conflict`] when two workers created
-    /// different stores at once (two fits of the `pca` codec racing: rerun
-    /// this worker with an empty staging folder; it takes the bucket's).
-    pub fn push_manifest(&self, local: &Path, manifest: &Manifest) -> Result<()> {
+    /// Requests.
+    pub fn push_manifest(&self, local: &Path, manifest: &Manifest) -> Result<Option<Manifest>> {
         if let Some(fit) = &manifest.codec_fit {
             // named by its hash: racing uploads write the same bytes or another name
             self.bucket.upload_checked(&local.join(&fit.file), &fit.file)?;
@@ -138,33 +142,56 @@ impl Publisher {
         let here = Manifest::path(local);
         let bytes = std::fs::read(&here).map_err(io(&here, "read manifest"))?;
         if self.bucket.put(names::MANIFEST, Bytes::from(bytes), true)?.0 == Written::Yes {
-            return Ok(());
+            return Ok(None);
         }
         let (theirs, _) = self.bucket.get(names::MANIFEST)?.ok_or_else(|| RemoteError::Conflict {
             object: self.bucket.object_url(names::MANIFEST),
             what: "exists and then does not (deleted while this worker started?)".into(),
         })?;
         let remote = parse_manifest(&self.bucket, &theirs)?;
-        if remote.store_id != manifest.store_id {
-            if let Some(fit) = &manifest.codec_fit
-                && remote.codec_fit.as_ref().is_none_or(|f| f.file != fit.file)
-            {
-                let _ = self.bucket.delete(&fit.file);
-            }
-            let field = remote
-                .first_difference(manifest)
-                .map(|(f, there, here)| format!("{f} is {there} there, {here} here"))
-                .unwrap_or_else(|| "its fitted codec model differs".into());
-            return Err(RemoteError::Conflict {
-                object: self.bucket.object_url(names::MANIFEST),
-                what: format!(
-                    "holds another store ({} against this one's {}: {field}); use another prefix \
-                     (two extractions that started one store at once with --codec pca: rerun this one with an empty --cache, it adds to the bucket's)",
-                    remote.store_id, manifest.store_id
-                ),
-            });
+        if remote.store_id == manifest.store_id {
+            return Ok(None);
         }
-        Ok(())
+        if let Some(fit) = &manifest.codec_fit
+            && remote.codec_fit.as_ref().is_none_or(|f| f.file != fit.file)
+        {
+            let _ = self.bucket.delete(&fit.file); // this worker's model, which no manifest names
+        }
+        Ok(Some(remote))
+    }
+
+    /// The error for a bucket that holds `remote`, another store than `mine`.
+    pub fn another_store(&self, remote: &Manifest, mine: &Manifest) -> RemoteError {
+        let field = remote
+            .first_difference(mine)
+            .map(|(f, there, here)| format!("{f} is {there} there, {here} here"))
+            .unwrap_or_else(|| "its fitted codec model differs".into());
+        RemoteError::Conflict {
+            object: self.bucket.object_url(names::MANIFEST),
+            what: format!("holds another store ({} against this one's {}: {field}); use another prefix", remote.store_id, mine.store_id),
+        }
+    }
+
+    /// Replace the staging folder's manifest (and codec model), written by
+    /// this worker a moment ago, with the bucket's: the worker that lost the
+    /// race to create the store adds to the winner's instead. Refused when
+    /// the staging folder already holds committed shards.
+    ///
+    /// # Errors
+    /// [`RemoteError::Conflict`], requests, local IO.
+    pub fn adopt_manifest(&self, local: &Path, mine: &Manifest, remote: &Manifest) -> Result<()> {
+        let done = local.join("done");
+        let committed = std::fs::read_dir(&done).map(|d| d.count()).unwrap_or(0);
+        if committed > 0 {
+            return Err(self.another_store(remote, mine));
+        }
+        if let Some(fit) = &mine.codec_fit {
+            let p = local.join(&fit.file);
+            std::fs::remove_file(&p).map_err(io(&p, "remove the codec model the bucket does not use"))?;
+        }
+        let here = Manifest::path(local);
+        std::fs::remove_file(&here).map_err(io(&here, "remove the manifest the bucket does not use"))?;
+        self.pull_manifest(local).map(|_| ())
     }
 
     /// Whether shard `s` is complete in the bucket.
@@ -295,7 +322,9 @@ pub struct Uploaded {
 pub fn upload_store(publisher: &Publisher, store: &shard_store::Store, mut on_shard: impl FnMut(u32)) -> Result<Uploaded> {
     let m = store.manifest();
     let root = store.paths().root();
-    publisher.push_manifest(root, m)?;
+    if let Some(remote) = publisher.push_manifest(root, m)? {
+        return Err(publisher.another_store(&remote, m));
+    }
     let there: std::collections::BTreeSet<u32> = publisher.done_shards()?.into_iter().collect();
     let mut r = Uploaded::default();
     for s in 0..m.layout.num_shards {

@@ -593,16 +593,25 @@ pub fn run_extract(cfg: &ExtractConfig) -> Result<ExtractSummary> {
     // Enough images per chunk to keep every decode thread and one batch busy.
     let chunk = (cfg.batch.div_ceil(cfg.views as usize)).max(cfg.decode_threads * 2).max(1);
     let decode = Decode { cfg, ds: &ds, sampler: &sampler, pool: &pool, size: s, mean, std, chunk };
-    if let Some(p) = &cfg.publish {
-        p.pull_manifest(&cfg.out)?; // join the bucket's store, if it has one
+    // join the bucket's store, if it has one
+    let joined = match &cfg.publish {
+        Some(p) => p.pull_manifest(&cfg.out)?,
+        None => false,
+    };
+    let mut store = StoreWriter::create_or_open_fitting(&cfg.out, &manifest, || fit_codec(&decode, &mut teacher, &manifest, per_view))?;
+    if let Some(p) = &cfg.publish
+        && let Some(remote) = p.push_manifest(&cfg.out, store.manifest())?
+    {
+        if joined {
+            return Err(p.another_store(&remote, store.manifest()).into());
+        }
+        // another worker created the store first, with another codec fit: add to its store
+        p.adopt_manifest(&cfg.out, store.manifest(), &remote)?;
+        store = StoreWriter::create_or_open_fitting(&cfg.out, &manifest, || fit_codec(&decode, &mut teacher, &manifest, per_view))?;
     }
-    let store = StoreWriter::create_or_open_fitting(&cfg.out, &manifest, || fit_codec(&decode, &mut teacher, &manifest, per_view))?;
     let manifest = store.manifest().clone();
     let remote_done = match &cfg.publish {
-        Some(p) => {
-            p.push_manifest(&cfg.out, &manifest)?;
-            Some(p.done_shards()?.into_iter().collect::<std::collections::BTreeSet<u32>>())
-        }
+        Some(p) => Some(p.done_shards()?.into_iter().collect::<std::collections::BTreeSet<u32>>()),
         None => None,
     };
     // complete here and, with a bucket, there too (a shard committed here by
