@@ -71,8 +71,9 @@ pub struct CacheArgs {
     #[arg(long, value_name = "DIR")]
     pub cache: Option<std::path::PathBuf>,
     /// Most bytes of shard files and image packs the cache keeps over all
-    /// its stores, e.g. 800G or 20M; stores no process is reading are
-    /// evicted, least recently used first [default: no limit].
+    /// its stores, e.g. 800G or 20M (K, M, G, T: powers of 1000); stores no
+    /// process is reading are evicted, least recently used first [default:
+    /// no limit].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub cache_limit: Option<u64>,
 }
@@ -123,4 +124,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err(format!("{s:?}: the size must be positive"));
     }
     Ok((v * mult) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_in_powers_of_1000() {
+        assert_eq!(parse_size("800G"), Ok(800_000_000_000));
+        assert_eq!(parse_size("20m"), Ok(20_000_000));
+        assert_eq!(parse_size("1.5T"), Ok(1_500_000_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err() && parse_size("-1G").is_err() && parse_size("0").is_err());
+    }
 }
