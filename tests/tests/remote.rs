@@ -647,3 +647,57 @@ fn two_ranks_on_one_node_fetch_a_bucket_into_one_cache_and_train_what_one_proces
         assert!((x.1 - y.1).abs() <= 1e-5 * y.1.abs(), "step {}: {} vs {}", x.0, x.1, y.1);
     }
 }
+
+#[test]
+fn a_worker_that_loses_the_race_to_create_a_pca_store_adopts_the_winners_model() {
+    // two models for the same settings: one fitted on the teacher's f32 targets
+    // (extract), one on the f16-rounded ones (recode): what machines that round
+    // differently would fit
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    imagenet_dataset(&data, 8);
+    let (mine, f16, theirs) = (tmp.path().join("mine"), tmp.path().join("f16"), tmp.path().join("theirs"));
+    let fit = ["--views", "2", "--student-size", "112", "--fit-views", "16"];
+    extract_tiny(&data, &mine, &[&fit[..], &["--codec", "pca"]].concat());
+    extract_tiny(&data, &f16, &fit[..4]);
+    run_ok(&["inspect", "recode", s(&f16), s(&theirs), "--codec", "pca", "--fit-views", "16"]);
+    let (m, t) = (shard_store::Manifest::read(&mine).expect("mine"), shard_store::Manifest::read(&theirs).expect("theirs"));
+    assert!(m.first_difference(&t).is_none(), "the same settings");
+    assert_ne!(m.store_id, t.store_id, "different models");
+
+    let server = S3Server::start(&tmp.path().join("s3"));
+    server.bucket("caev2");
+    let endpoint = format!("http://127.0.0.1:{}", server.port);
+    let settings = [
+        ("aws_access_key_id", KEY),
+        ("aws_secret_access_key", SECRET),
+        ("aws_region", "us-east-1"),
+        ("aws_endpoint", endpoint.as_str()),
+        ("aws_allow_http", "true"),
+    ];
+    let publisher = |prefix: &str| {
+        let bucket = remote_store::Bucket::open_with(&format!("s3://caev2/{prefix}"), &settings).expect("client");
+        remote_store::Publisher::new(bucket, remote_store::DEFAULT_CLAIM_TTL)
+    };
+    // the winner publishes first
+    assert!(publisher("race").push_manifest(&theirs, &t).expect("push").is_none());
+    // the loser had fitted its own model in its staging folder (no shard yet)
+    let staging = tmp.path().join("staging");
+    std::fs::create_dir_all(&staging).expect("mkdir");
+    let model = m.codec_fit.as_ref().expect("fit").file.clone();
+    std::fs::copy(mine.join("manifest.json"), staging.join("manifest.json")).expect("cp");
+    std::fs::copy(mine.join(&model), staging.join(&model)).expect("cp");
+    let p = publisher("race");
+    let remote = p.push_manifest(&staging, &m).expect("push").expect("the bucket holds the winner's store");
+    assert_eq!(remote.store_id, t.store_id);
+    p.adopt_manifest(&staging, &m, &remote).expect("adopt");
+    assert_eq!(
+        std::fs::read(staging.join("manifest.json")).expect("adopted"),
+        std::fs::read(theirs.join("manifest.json")).expect("theirs")
+    );
+    assert!(!staging.join(&model).exists(), "the losing model is gone");
+    let writer = shard_store::StoreWriter::create_or_open(&staging, &m).expect("the adopted store opens for the same settings");
+    assert_eq!(writer.manifest().store_id, t.store_id);
+    // a staging folder that already holds shards is never rewritten
+    assert!(p.adopt_manifest(&mine, &m, &remote).is_err());
+}
