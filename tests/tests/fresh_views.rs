@@ -284,6 +284,8 @@ fn fresh_views_that_cannot_work_are_refused_with_a_reason() {
     let (t, wrong): (&'static str, &'static str) = (leak(&t), leak(&wrong));
     one_line(&with(&["--fresh-views", "--live-teacher", t, "--train-views", "1"]), "--train-views");
     one_line(&with(&["--fresh-views", "--live-teacher", wrong]), "is not the store's teacher");
+    // the live teacher on a GPU needs a student on one (train_args trains on the CPU)
+    one_line(&with(&["--live-teacher", t, "--live-teacher-gpu"]), "--live-teacher-gpu: the student trains on the CPU here");
 
     // a pca store: its own teacher trains on fresh views, another is refused
     let pca = tmp.path().join("pca");

@@ -88,6 +88,7 @@ fn main() {
             dist_timeout: trainer::DEFAULT_DIST_TIMEOUT,
             dist_backend: trainer::dist::Backend::Auto,
             program: trainer::Program::default(),
+            live_teacher_gpu: false,
         };
         let s = run_train(&cfg(live), &opts).expect("train");
         // skip the first step (allocations, caches)

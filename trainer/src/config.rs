@@ -262,6 +262,11 @@ pub struct RunOptions {
     pub dist_backend: crate::dist::Backend,
     /// The program running the training, for the run's provenance.
     pub program: Program,
+    /// Run `--live-teacher` on the training GPU (ONNX Runtime's CUDA
+    /// provider) instead of the CPU: what a live teacher costs on a GPU
+    /// node. Its targets round differently from the CPU's, so it is refused
+    /// with `--fresh-views`, whose stored targets come from the CPU.
+    pub live_teacher_gpu: bool,
 }
 
 /// The program that runs a training, as `run.json` records it.

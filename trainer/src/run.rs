@@ -91,7 +91,7 @@ pub fn run_train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         dist.copy_from_main(&state)?;
         opt.set_steps(start as i64);
     }
-    let mut teacher = live_teacher(cfg, &m, opts.threads)?;
+    let mut teacher = live_teacher(cfg, &m, opts, device)?;
     let mut metrics_log = match &folder {
         Some(f) => {
             f.record_start(invocation(opts, &m, &dist, &backend, start, ranks))?;
@@ -345,9 +345,19 @@ pub fn loader_config(cfg: &TrainConfig, rows: std::ops::Range<usize>, threads: u
 /// With `--fresh-views` the store's targets must also be what this teacher
 /// computes on the CPU for a view of the store's settings, so that fresh
 /// and stored targets come from one distribution.
-fn live_teacher(cfg: &TrainConfig, m: &shard_store::Manifest, threads: usize) -> Result<Option<teacher::Teacher>> {
+fn live_teacher(cfg: &TrainConfig, m: &shard_store::Manifest, opts: &RunOptions, device: tch::Device) -> Result<Option<teacher::Teacher>> {
     let Some(p) = &cfg.live_teacher else { return Ok(None) };
     let bad = |what: String| TrainError::Incompatible { store: cfg.store.clone(), what };
+    let on = match (opts.live_teacher_gpu, device) {
+        (false, _) => teacher::TeacherDevice::Cpu,
+        (true, tch::Device::Cuda(i)) if !cfg.fresh_views => teacher::TeacherDevice::Cuda { device: i as i32 },
+        (true, tch::Device::Cuda(_)) => {
+            return Err(bad(
+                "--live-teacher-gpu with --fresh-views: fresh targets must be computed as the stored ones were, on the CPU".into()
+            ));
+        }
+        (true, _) => return Err(bad("--live-teacher-gpu: the student trains on the CPU here (--device cuda for a GPU)".into())),
+    };
     let sha = teacher::sha256_file(p)?;
     if sha != m.teacher.onnx_sha256 {
         return Err(bad(format!("--live-teacher {} is not the store's teacher (sha256 {sha} vs {})", p.display(), m.teacher.onnx_sha256)));
@@ -373,10 +383,10 @@ fn live_teacher(cfg: &TrainConfig, m: &shard_store::Manifest, threads: usize) ->
         patch_size: Some(m.teacher.patch_size),
         has_cls: Some(m.teacher.has_cls),
         output: Some(m.teacher.output.clone()),
-        // on the CPU, as the store's targets were checked against
-        device: teacher::TeacherDevice::Cpu,
+        // on the CPU, as the store's targets were checked against, unless asked
+        device: on,
     };
-    Ok(Some(teacher::Teacher::load(&spec, threads)?))
+    Ok(Some(teacher::Teacher::load(&spec, opts.threads)?))
 }
 
 /// What [`measure_loader`] measured.

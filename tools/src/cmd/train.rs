@@ -129,6 +129,11 @@ pub struct TrainArgs {
     /// instead of reading them: proves equivalence, measures what caching saves.
     #[arg(long, value_name = "FILE.onnx")]
     live_teacher: Option<PathBuf>,
+    /// Run --live-teacher on the training GPU (ONNX Runtime's CUDA
+    /// provider, from setup's onnxruntime-gpu) instead of the CPU: what a
+    /// live teacher costs on a GPU node. Not with --fresh-views.
+    #[arg(long, requires = "live_teacher")]
+    live_teacher_gpu: bool,
     /// Train on stored views 0..N only; the others stay held out for
     /// `caev2 eval align`.
     #[arg(long)]
@@ -220,6 +225,7 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
         dist_timeout: std::time::Duration::from_secs(a.dist_timeout.max(1)),
         dist_backend: a.dist_backend.parse().map_err(anyhow::Error::msg)?,
         program: super::program(),
+        live_teacher_gpu: a.live_teacher_gpu,
     };
     if a.loader_only {
         let l = trainer::measure_loader(&cfg, opts.threads, cfg.steps).context("measuring the loader")?;
