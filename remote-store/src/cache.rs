@@ -123,7 +123,7 @@ impl CachedStore {
     /// Local IO.
     pub fn forget_shard(&self, s: u32) -> Result<()> {
         let sync = open_lock(&self.pin.sync_lock)?;
-        lock(&sync, true, true).map_err(io(&self.pin.sync_lock, "lock"))?;
+        sync.lock().map_err(io(&self.pin.sync_lock, "lock"))?;
         for name in [names::shard(s), names::images(s), names::index(s)] {
             let p = self.dir.join(name);
             match std::fs::remove_file(&p) {
@@ -160,20 +160,12 @@ fn lock_name(key: &Path) -> String {
     key.iter().map(|p| p.to_string_lossy().replace('_', "%5F")).collect::<Vec<_>>().join("_")
 }
 
-fn lock(file: &File, exclusive: bool, wait: bool) -> std::io::Result<bool> {
-    match (exclusive, wait) {
-        (true, true) => file.lock().map(|()| true),
-        (false, true) => file.lock_shared().map(|()| true),
-        (true, false) => match file.try_lock() {
-            Ok(()) => Ok(true),
-            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
-            Err(std::fs::TryLockError::Error(e)) => Err(e),
-        },
-        (false, false) => match file.try_lock_shared() {
-            Ok(()) => Ok(true),
-            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
-            Err(std::fs::TryLockError::Error(e)) => Err(e),
-        },
+/// Take `file`'s exclusive lock without waiting; `false` when another holds it.
+fn try_lock_exclusive(file: &File) -> std::io::Result<bool> {
+    match file.try_lock() {
+        Ok(()) => Ok(true),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
 }
 
@@ -194,7 +186,7 @@ pub fn fetch(url: &str, opts: &CacheOptions, need: Need) -> Result<CachedStore> 
     let (dir, pin) = opts.pin(url)?;
     let sync_path = pin.sync_lock.clone();
     let sync = open_lock(&sync_path)?;
-    lock(&sync, true, true).map_err(io(&sync_path, "lock"))?;
+    sync.lock().map_err(io(&sync_path, "lock"))?;
     let bar = indicatif::ProgressBar::hidden();
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -233,7 +225,7 @@ impl CacheOptions {
         }
         let use_path = locks.join(format!("{name}.use"));
         let file = open_lock(&use_path)?;
-        lock(&file, false, true).map_err(io(&use_path, "lock"))?;
+        file.lock_shared().map_err(io(&use_path, "lock"))?;
         let _ = file.set_modified(std::time::SystemTime::now()); // least recently used comes first
         Ok((dir, Pin { _file: file, sync_lock: locks.join(format!("{name}.sync")) }))
     }
@@ -445,7 +437,7 @@ impl Fetcher<'_> {
                 break;
             }
             let f = open_lock(&use_lock)?;
-            if lock(&f, true, false).map_err(io(&use_lock, "lock"))? {
+            if try_lock_exclusive(&f).map_err(io(&use_lock, "lock"))? {
                 for sub in ["shards", "images"] {
                     let d = folder.join(sub);
                     if d.exists() {
