@@ -27,49 +27,77 @@ fn test_server(rel: &str) -> PathBuf {
 const KEY: &str = "caev2-test-key";
 const SECRET: &str = "caev2-test-secret";
 
-/// An `s3s-fs` server on a free port of 127.0.0.1, serving `root` (each
-/// folder a bucket, each object a file); killed when dropped.
-struct S3Server {
+/// A free TCP port of 127.0.0.1.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port()
+}
+
+/// A test server on 127.0.0.1 (S3 or Azure), the environment that points
+/// `caev2` at it, and the folder it serves; killed when dropped.
+struct Server {
     child: Child,
     port: u16,
     root: PathBuf,
+    env: Vec<(&'static str, String)>,
 }
 
-impl S3Server {
-    fn start(root: &Path) -> Self {
-        let bin = test_server("s3s-fs/bin/s3s-fs");
-        std::fs::create_dir_all(root).expect("server root");
-        let port = TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
-        let child = Command::new(bin)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", KEY, "--secret-key", SECRET])
-            .arg(root)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start s3s-fs");
+impl Server {
+    /// Start `cmd` (a server listening on `port`) and wait until it accepts connections.
+    fn spawn(mut cmd: Command, port: u16, root: &Path, env: Vec<(&'static str, String)>) -> Self {
+        let what = format!("{:?}", cmd.get_program());
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start the server");
         let t = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(20), "s3s-fs did not start listening on {port}");
+            assert!(t.elapsed() < Duration::from_secs(30), "{what} did not start listening on {port}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self { child, port, root: root.to_owned() }
+        Self { child, port, root: root.to_owned(), env }
     }
 
+    /// An `s3s-fs` server serving `root` (each folder a bucket, each object a file).
+    fn s3(root: &Path) -> Self {
+        std::fs::create_dir_all(root).expect("server root");
+        let port = free_port();
+        let mut cmd = Command::new(test_server("s3s-fs/bin/s3s-fs"));
+        cmd.args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", KEY, "--secret-key", SECRET]).arg(root);
+        let env = vec![
+            ("AWS_ACCESS_KEY_ID", KEY.to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET.to_owned()),
+            ("AWS_REGION", "us-east-1".to_owned()),
+            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
+            ("AWS_ALLOW_HTTP", "true".to_owned()),
+        ];
+        Self::spawn(cmd, port, root, env)
+    }
+
+    /// Azurite (Microsoft's Azure Blob Storage emulator, built by setup),
+    /// its data in `dir`, with one container.
+    fn azurite(dir: &Path, container: &str) -> Self {
+        let port = free_port();
+        let mut cmd = Command::new(test_server("azurite/node_modules/.bin/azurite-blob"));
+        cmd.args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string(), "--silent", "--skipApiVersionCheck", "--location"]).arg(dir);
+        let env = vec![("AZURE_STORAGE_USE_EMULATOR", "true".to_owned()), ("AZURITE_BLOB_STORAGE_URL", format!("http://127.0.0.1:{port}"))];
+        let server = Self::spawn(cmd, port, dir, env);
+        let made = Command::new(python())
+            .arg(workspace().join("tests/scripts/create_azure_container.py"))
+            .args([&port.to_string(), container])
+            .status()
+            .expect("create container");
+        assert!(made.success(), "creating the container failed");
+        server
+    }
+
+    /// The folder of bucket `name` of an `s3s-fs` server, created.
     fn bucket(&self, name: &str) -> PathBuf {
         let b = self.root.join(name);
         std::fs::create_dir_all(&b).expect("bucket");
         b
     }
 
-    /// `caev2 ARGS` with this server as the S3 endpoint.
+    /// `caev2 ARGS` with this server as the endpoint.
     fn command<A: AsRef<std::ffi::OsStr>>(&self, args: &[A]) -> Command {
         let mut c = Command::new(caev2());
-        c.args(args)
-            .env("AWS_ACCESS_KEY_ID", KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET)
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", self.port))
-            .env("AWS_ALLOW_HTTP", "true");
+        c.args(args).envs(self.env.iter().map(|(k, v)| (*k, v.as_str())));
         c
     }
 
@@ -88,9 +116,25 @@ impl S3Server {
         );
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
+
+    /// Two workers on separate caches (two machines) extracting into `url`
+    /// at once; returns the shards they wrote between them.
+    fn extract_with_two_workers(&self, data: &Path, url: &str, caches: [&Path; 2]) -> u64 {
+        let workers: Vec<Child> = caches
+            .iter()
+            .map(|c| self.command(&extract_args(data, url, c)).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn"))
+            .collect();
+        let mut written = 0;
+        for w in workers {
+            let o = w.wait_with_output().expect("wait");
+            assert!(o.status.success(), "worker failed: {}", String::from_utf8_lossy(&o.stderr));
+            written += json(&String::from_utf8_lossy(&o.stdout))["shards_written"].as_u64().expect("shards_written");
+        }
+        written
+    }
 }
 
-impl Drop for S3Server {
+impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -139,13 +183,13 @@ fn json(out: &str) -> serde_json::Value {
 
 /// 20 photos, the store extracted from them into a local folder (the
 /// reference), and a server with the bucket `caev2` (its folder).
-fn with_reference_store() -> (tempfile::TempDir, PathBuf, PathBuf, S3Server, PathBuf) {
+fn with_reference_store() -> (tempfile::TempDir, PathBuf, PathBuf, Server, PathBuf) {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = tmp.path().join("data");
     imagenet_dataset(&data, 20);
     let local = tmp.path().join("local");
     extract_tiny(&data, &local, &EXTRACT);
-    let server = S3Server::start(&tmp.path().join("s3"));
+    let server = Server::s3(&tmp.path().join("s3"));
     let bucket = server.bucket("caev2");
     (tmp, data, local, server, bucket)
 }
@@ -157,16 +201,7 @@ fn two_workers_fill_a_bucket_with_the_local_bytes_and_training_from_it_matches()
     // two machines: each its own staging cache, no folder in common; they
     // divide the shards by claims in the bucket
     let (cache_a, cache_b) = (tmp.path().join("machine-a"), tmp.path().join("machine-b"));
-    let workers: Vec<Child> = [&cache_a, &cache_b]
-        .iter()
-        .map(|c| server.command(&extract_args(&data, url, c)).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn"))
-        .collect();
-    let mut written = 0;
-    for w in workers {
-        let o = w.wait_with_output().expect("wait");
-        assert!(o.status.success(), "worker failed: {}", String::from_utf8_lossy(&o.stderr));
-        written += json(&String::from_utf8_lossy(&o.stdout))["shards_written"].as_u64().expect("shards_written");
-    }
+    let written = server.extract_with_two_workers(&data, url, [&cache_a, &cache_b]);
     // each shard written once, or rarely twice: s3s-fs checks a conditional
     // write's condition and then writes, so two claims made at the same
     // instant can both succeed (S3 itself is atomic); twice is harmless,
@@ -305,7 +340,7 @@ fn a_corrupted_object_is_found_and_named() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = tmp.path().join("data");
     imagenet_dataset(&data, 8);
-    let server = S3Server::start(&tmp.path().join("s3"));
+    let server = Server::s3(&tmp.path().join("s3"));
     let bucket = server.bucket("caev2");
     let url = "s3://caev2/store";
     server.run_ok(&extract_args(&data, url, &tmp.path().join("stage")));
@@ -329,7 +364,7 @@ fn the_cache_limit_evicts_only_stores_no_one_reads() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = tmp.path().join("data");
     imagenet_dataset(&data, 8);
-    let server = S3Server::start(&tmp.path().join("s3"));
+    let server = Server::s3(&tmp.path().join("s3"));
     server.bucket("caev2");
     for name in ["a", "b"] {
         let url = format!("s3://caev2/{name}");
@@ -384,7 +419,7 @@ fn the_cache_limit_evicts_only_stores_no_one_reads() {
 #[test]
 fn bad_urls_missing_buckets_and_wrong_keys_are_one_line_naming_the_object() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let server = S3Server::start(&tmp.path().join("s3"));
+    let server = Server::s3(&tmp.path().join("s3"));
     server.bucket("caev2");
     let cache = tmp.path().join("cache");
     let e = failed(&server.run(&["inspect", "summary", "s3://no-such-bucket/x", "--cache", s(&cache)]));
@@ -406,7 +441,7 @@ fn bad_urls_missing_buckets_and_wrong_keys_are_one_line_naming_the_object() {
 #[test]
 fn a_large_file_goes_up_in_checked_parts() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let server = S3Server::start(&tmp.path().join("s3"));
+    let server = Server::s3(&tmp.path().join("s3"));
     let bucket_dir = server.bucket("caev2");
     let endpoint = format!("http://127.0.0.1:{}", server.port);
     let settings = [
@@ -438,59 +473,6 @@ fn a_large_file_goes_up_in_checked_parts() {
     assert!(meta.e_tag.as_deref().is_some_and(|t| t.trim_matches('"').ends_with("-3")), "{:?}", meta.e_tag);
 }
 
-/// Azurite (Microsoft's Azure Blob Storage emulator, built by setup) on a
-/// free port of 127.0.0.1 with one container; killed when dropped.
-struct Azurite {
-    child: Child,
-    port: u16,
-}
-
-impl Azurite {
-    fn start(dir: &Path, container: &str) -> Self {
-        let bin = test_server("azurite/node_modules/.bin/azurite-blob");
-        let port = TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
-        let child = Command::new(bin)
-            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string(), "--silent", "--skipApiVersionCheck", "--location"])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start azurite");
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(30), "azurite did not start listening on {port}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let made = Command::new(python())
-            .arg(workspace().join("tests/scripts/create_azure_container.py"))
-            .args([&port.to_string(), container])
-            .status()
-            .expect("create container");
-        assert!(made.success(), "creating the container failed");
-        Self { child, port }
-    }
-
-    /// `caev2 ARGS` with this emulator as the Azure endpoint.
-    fn command<A: AsRef<std::ffi::OsStr>>(&self, args: &[A]) -> Command {
-        let mut c = Command::new(caev2());
-        c.args(args).env("AZURE_STORAGE_USE_EMULATOR", "true").env("AZURITE_BLOB_STORAGE_URL", format!("http://127.0.0.1:{}", self.port));
-        c
-    }
-
-    fn run_ok<A: AsRef<std::ffi::OsStr>>(&self, args: &[A]) -> String {
-        let o = self.command(args).output().expect("spawn caev2");
-        assert!(o.status.success(), "caev2 failed:\n{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-}
-
-impl Drop for Azurite {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn a_store_in_azure_blob_storage_is_the_local_store_and_trains_the_same() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -498,22 +480,10 @@ fn a_store_in_azure_blob_storage_is_the_local_store_and_trains_the_same() {
     imagenet_dataset(&data, 20);
     let local = tmp.path().join("local");
     extract_tiny(&data, &local, &EXTRACT);
-    let azure = Azurite::start(&tmp.path().join("azurite"), "caev2");
+    let azure = Server::azurite(&tmp.path().join("azurite"), "caev2");
     let url = "az://caev2/stores/tiny";
     // two workers on separate caches, dividing the shards by claims
-    let workers: Vec<Child> = ["a", "b"]
-        .iter()
-        .map(|m| {
-            let args = extract_args(&data, url, &tmp.path().join(format!("machine-{m}")));
-            azure.command(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn")
-        })
-        .collect();
-    let mut written = 0;
-    for w in workers {
-        let o = w.wait_with_output().expect("wait");
-        assert!(o.status.success(), "worker failed: {}", String::from_utf8_lossy(&o.stderr));
-        written += json(&String::from_utf8_lossy(&o.stdout))["shards_written"].as_u64().expect("shards_written");
-    }
+    let written = azure.extract_with_two_workers(&data, url, [&tmp.path().join("machine-a"), &tmp.path().join("machine-b")]);
     assert!((5..10).contains(&written), "{written} shard writes");
     // what a third machine fetches (every object, checked) is the local store, byte for byte
     let cache = tmp.path().join("machine-c");
@@ -534,7 +504,7 @@ fn losing_the_server_mid_extraction_stops_it_with_one_line_naming_the_object() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = tmp.path().join("data");
     imagenet_dataset(&data, 20);
-    let mut server = S3Server::start(&tmp.path().join("s3"));
+    let mut server = Server::s3(&tmp.path().join("s3"));
     let bucket = server.bucket("caev2");
     let mut args = extract_args(&data, "s3://caev2/lost", &tmp.path().join("stage"));
     let at = args.iter().position(|a| a == "--images-per-shard").expect("flag");
@@ -568,7 +538,7 @@ fn credentials_and_endpoint_come_from_an_aws_profile() {
     imagenet_dataset(&data, 4);
     let local = tmp.path().join("local");
     extract_tiny(&data, &local, &EXTRACT);
-    let server = S3Server::start(&tmp.path().join("s3"));
+    let server = Server::s3(&tmp.path().join("s3"));
     server.bucket("caev2");
     let home = tmp.path().join("home");
     std::fs::create_dir_all(home.join(".aws")).expect("mkdir");
@@ -620,7 +590,7 @@ fn two_ranks_on_one_node_fetch_a_bucket_into_one_cache_and_train_what_one_proces
     let single = tmp.path().join("single");
     server.run_ok(&train_args(s(&local), &single, &cache));
     let pair = tmp.path().join("pair");
-    let port = TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port().to_string();
+    let port = free_port().to_string();
     let ranks: Vec<Child> = (0..2)
         .map(|rank| {
             server
@@ -665,7 +635,7 @@ fn a_worker_that_loses_the_race_to_create_a_pca_store_adopts_the_winners_model()
     assert!(m.first_difference(&t).is_none(), "the same settings");
     assert_ne!(m.store_id, t.store_id, "different models");
 
-    let server = S3Server::start(&tmp.path().join("s3"));
+    let server = Server::s3(&tmp.path().join("s3"));
     server.bucket("caev2");
     let endpoint = format!("http://127.0.0.1:{}", server.port);
     let settings = [
