@@ -307,7 +307,7 @@ impl Fetcher<'_> {
             v.sort_unstable();
             v.into_iter().filter(|&s| s < remote.layout.num_shards).collect()
         };
-        let mut reports = Vec::with_capacity(done.len());
+        // the reports: fetched (and checked) where the copy lacks them, else read from it
         let missing: Vec<u32> = done.iter().copied().filter(|&s| !self.dir.join(names::done(s)).exists()).collect();
         let fetched: Vec<(u32, Bytes)> = self.bucket.block_on(async {
             futures::stream::iter(missing.iter().map(|&s| async move {
@@ -321,6 +321,7 @@ impl Fetcher<'_> {
             .into_iter()
             .collect::<Result<Vec<_>>>()
         })?;
+        let mut reports: std::collections::BTreeMap<u32, ShardReport> = std::collections::BTreeMap::new();
         for (s, b) in fetched {
             let name = names::done(s);
             let r: ShardReport = serde_json::from_slice(&b)
@@ -329,17 +330,19 @@ impl Fetcher<'_> {
                 return Err(RemoteError::Corrupt { object: self.bucket.object_url(&name), what: format!("reports shard {}", r.shard) });
             }
             shard_store::write_file_atomic(&self.dir.join(&name), &b)?;
+            reports.insert(s, r);
         }
-        for &s in &done {
+        let on_disk: Vec<u32> = done.iter().copied().filter(|s| !reports.contains_key(s)).collect();
+        for s in on_disk {
             let p = self.dir.join(names::done(s));
             let b = std::fs::read(&p).map_err(io(&p, "read shard report"))?;
             let r: ShardReport = serde_json::from_slice(&b)
                 .map_err(|source| RemoteError::Store(shard_store::StoreError::Json { path: p.clone(), source }))?;
-            reports.push(r);
+            reports.insert(s, r);
         }
 
         let mut wanted = Vec::new();
-        for r in &reports {
+        for r in reports.values() {
             let s = r.shard;
             wanted.push(Wanted { name: names::index(s), bytes: r.index_bytes, check: Check::Index { crc: r.index_crc32c } });
             if need.shard(s) {
@@ -359,7 +362,7 @@ impl Fetcher<'_> {
         let need_bytes: u64 = missing.iter().filter(|w| bulk(w)).map(|w| w.bytes).sum();
         if need != Need::Metadata {
             let store_bytes: u64 =
-                reports.iter().filter(|r| need.shard(r.shard)).map(|r| r.shard_bytes + r.images_bytes.unwrap_or(0)).sum();
+                reports.values().filter(|r| need.shard(r.shard)).map(|r| r.shard_bytes + r.images_bytes.unwrap_or(0)).sum();
             self.make_room(need_bytes, store_bytes)?;
         }
         let total: u64 = missing.iter().map(|w| w.bytes).sum();
