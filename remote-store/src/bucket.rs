@@ -77,32 +77,34 @@ impl Bucket {
         let client = |e: object_store::Error| bad(format!("cannot configure the client: {e}"));
         // transient failures are retried, but an unreachable endpoint fails within a minute
         let retry = object_store::RetryConfig { max_retries: 4, retry_timeout: std::time::Duration::from_secs(60), ..Default::default() };
+        let given = settings.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
+        // each builder's settings by name, naming one it does not know
+        fn configure<B, K: std::str::FromStr>(
+            mut b: B,
+            settings: &[(String, String)],
+            with: impl Fn(B, K, &str) -> B,
+            unknown: impl Fn(&str) -> RemoteError,
+        ) -> Result<B> {
+            for (k, v) in settings {
+                b = with(b, k.parse().map_err(|_| unknown(k))?, v);
+            }
+            Ok(b)
+        }
         let unknown = |k: &str| bad(format!("unknown object store setting {k:?}"));
         let store: Arc<dyn ObjectStore> = match parsed.scheme() {
             "s3" | "s3a" => {
-                let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(url).with_retry(retry);
-                // a static profile of ~/.aws, under what the environment sets
-                for (k, v) in crate::aws_profile::settings(url, &|k| std::env::var(k).ok())? {
-                    b = b.with_config(k.parse().map_err(|_| unknown(&k))?, v);
-                }
-                for (k, v) in settings {
-                    b = b.with_config(k.parse().map_err(|_| unknown(k))?, *v);
-                }
-                Arc::new(b.build().map_err(client)?)
+                // a static profile of ~/.aws under what the environment sets, then the given settings
+                let all: Vec<_> = crate::aws_profile::settings(url, &|k| std::env::var(k).ok())?.into_iter().chain(given).collect();
+                let b = object_store::aws::AmazonS3Builder::from_env().with_url(url).with_retry(retry);
+                Arc::new(configure(b, &all, |b, k, v| b.with_config(k, v), unknown)?.build().map_err(client)?)
             }
             "gs" => {
-                let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url).with_retry(retry);
-                for (k, v) in settings {
-                    b = b.with_config(k.parse().map_err(|_| unknown(k))?, *v);
-                }
-                Arc::new(b.build().map_err(client)?)
+                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url).with_retry(retry);
+                Arc::new(configure(b, &given.collect::<Vec<_>>(), |b, k, v| b.with_config(k, v), unknown)?.build().map_err(client)?)
             }
             "az" | "abfs" | "abfss" => {
-                let mut b = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url).with_retry(retry);
-                for (k, v) in settings {
-                    b = b.with_config(k.parse().map_err(|_| unknown(k))?, *v);
-                }
-                Arc::new(b.build().map_err(client)?)
+                let b = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url).with_retry(retry);
+                Arc::new(configure(b, &given.collect::<Vec<_>>(), |b, k, v| b.with_config(k, v), unknown)?.build().map_err(client)?)
             }
             other => return Err(bad(format!("scheme {other}:// is not supported (s3://, gs:// or az://)"))),
         };
