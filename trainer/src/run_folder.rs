@@ -94,30 +94,24 @@ impl RunFolder {
             let old: TrainConfig = serde_json::from_slice(&std::fs::read(&cfg_path).map_err(TrainError::io(&cfg_path, "read config"))?)
                 .map_err(|source| TrainError::Json { path: cfg_path.clone(), source })?;
             // where the store and the images are may change (another node, a
-            // copy on local disk, another cache folder); what they are may not
-            if old.without_paths() != cfg.without_paths() {
+            // copy on local disk, another cache folder); what they are may not.
+            // A run folder from before run.json names no store: its paths must stay.
+            let trained_on = read_provenance(&self.out).and_then(|p| p.invocations.last().map(|i| i.store_id.clone()));
+            let same_settings = match &trained_on {
+                Some(_) => old.without_paths() == cfg.without_paths(),
+                None => old == *cfg,
+            };
+            if !same_settings {
                 return Err(TrainError::RunFolder {
                     path: cfg_path,
                     what: "--resume: the settings differ from this run's (resume with the same arguments)".into(),
                 });
             }
-            let trained_on = read_provenance(&self.out).and_then(|p| p.invocations.last().map(|i| i.store_id.clone()));
-            match trained_on {
-                Some(id) if id != store_id => {
-                    return Err(TrainError::RunFolder {
-                        path: cfg_path,
-                        what: format!("--resume: the run trained on store {id}, and {} is store {store_id}", cfg.store.display()),
-                    });
-                }
-                Some(_) => {}
-                // a run folder from before run.json: the paths must be the same
-                None if old != *cfg => {
-                    return Err(TrainError::RunFolder {
-                        path: cfg_path,
-                        what: "--resume: the settings differ from this run's (resume with the same arguments)".into(),
-                    });
-                }
-                None => {}
+            if let Some(id) = trained_on.filter(|id| id != store_id) {
+                return Err(TrainError::RunFolder {
+                    path: cfg_path,
+                    what: format!("--resume: the run trained on store {id}, and {} is store {store_id}", cfg.store.display()),
+                });
             }
             if old != *cfg {
                 // the same run at its new paths, for `eval` and later resumes
